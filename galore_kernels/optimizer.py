@@ -1,0 +1,299 @@
+"""GaLoreAdamW: AdamW whose state lives in a rank-r projection of each 2-D gradient.
+
+A drop-in for galore-torch 1.0's ``GaLoreAdamW``: the same constructor arguments and the same param
+group keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``), plus ``svd`` (``"randomized"``,
+the default, or ``"exact"``), ``oversample``, ``niter`` and ``refresh_offset``. The math is DESIGN.md's;
+with ``svd="exact"`` and float32 parameters the trajectory follows galore-torch step for step.
+
+Differences from galore-torch, each on purpose:
+- ``exp_avg``/``exp_avg_sq`` and the projection bases are float32 whatever the parameter dtype, also
+  after ``load_state_dict`` (torch's base class would cast them to the parameter's dtype).
+- The state is plain tensors and numbers (no projector objects), so ``state_dict()`` loads with
+  ``torch.load(..., weights_only=True)`` and a resumed run continues bit for bit.
+- ``reverse_std`` back-projects on the side it projected (galore-torch re-derives the side from the
+  low-rank shape and gets it wrong when that is square).
+- A non-finite gradient skips that parameter's step entirely (weights, moments, basis and step
+  count untouched), with one warning per parameter.
+- A rank above ``min(m, n)`` is clamped with a warning; a non-2-D parameter in a GaLore group, an
+  unknown ``proj_type`` or a rank < 1 is an error that names the parameter.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import dispatch
+from .projection import check_proj_type, check_rank, effective_rank, projection_side
+from .subspace import METHODS, projection_bases, refresh_generator
+
+# Param-group keys of a GaLore group and their defaults (galore-torch's, plus our refresh settings).
+GALORE_GROUP_DEFAULTS = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "svd": "randomized",
+    "oversample": None,
+    "niter": None,
+    "refresh_offset": 0,  # int phase, or "stagger" to spread the group's refreshes over the gap
+}
+# Float32 state tensors that load_state_dict must not cast to the parameter's dtype.
+FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
+
+
+class GaLoreAdamW(Optimizer):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,  # accepted for galore-torch compatibility; ignored
+        *,
+        seed: int = 0,
+        backend: str = "auto",
+        refresh_backend: str = "auto",
+    ):
+        if lr < 0.0:
+            raise ValueError(f"lr={lr} must be >= 0.")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas={betas} must each be in [0, 1).")
+        if eps < 0.0:
+            raise ValueError(f"eps={eps} must be >= 0.")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0.")
+        self.backend = dispatch.requested_backend("step", backend)
+        self.refresh_backend = dispatch.requested_backend("refresh", refresh_backend)
+        self._param_info: Optional[dict[int, tuple[int, dict, int]]] = None
+        self._warned_nonfinite: set[int] = set()
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
+        super().__init__(params, defaults)
+        # Fail at construction, not at the first step, when a requested backend cannot run here.
+        for device in {p.device for group in self.param_groups for p in group["params"]}:
+            dispatch.step_backend(self.backend, device)
+            dispatch.refresh_backend(self.refresh_backend, device)
+
+    # ----------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            if "rank" in group:
+                _complete_galore_group(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._param_info = None
+
+    def param_info(self, p: Tensor) -> tuple[int, dict, int]:
+        """(index among all parameters, its group, position inside the group).
+
+        The index is the one ``state_dict()`` uses; it seeds the parameter's refresh sketches.
+        """
+        if self._param_info is None:
+            info, index = {}, 0
+            for group in self.param_groups:
+                for position, q in enumerate(group["params"]):
+                    info[id(q)] = (index, group, position)
+                    index += 1
+            self._param_info = info
+        return self._param_info[id(p)]
+
+    # ------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, p.grad)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, grad: Tensor) -> bool:
+        """One update of ``p`` from its full gradient; False when a non-finite gradient skipped it."""
+        side = self.prepare(p, grad)
+        if side is False:
+            return False
+        index, group, _ = self.param_info(p)
+        state = self.state[p]
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        self._step_backend(p).step(
+            p, grad, state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"), state.get("proj_right"),
+            side=side, step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
+        )
+        return True
+
+    # Layer-wise mode drives a step in pieces: prepare (checks, refresh), project, update_from_lowrank.
+    def prepare(self, p: Tensor, grad: Tensor):
+        """Checks ``grad``, creates the state and refreshes the basis when due.
+
+        Returns the projection side (None for a plain AdamW parameter), or False when the gradient is
+        not finite and the step must be skipped.
+        """
+        index, group, _ = self.param_info(p)
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"GaLoreAdamW got a sparse gradient for parameter #{index} (shape {tuple(p.shape)}); "
+                "it supports dense gradients only (e.g. nn.Embedding(..., sparse=False))."
+            )
+        if not self.check_finite(p, grad):
+            return False
+        state = self._init_state(p, group)
+        side = self.side(p)
+        if side is not None and self.refresh_due(p):
+            self._refresh(p, grad, group, state, index, side)
+        return side
+
+    def project(self, p: Tensor, grad: Tensor) -> Tensor:
+        """The projected gradient of ``p`` (float32) under its current basis; the full one if plain."""
+        side = self.side(p)
+        if side is None:
+            return grad if grad.dtype == torch.float32 else grad.float()
+        state = self.state[p]
+        return self._step_backend(p).project(grad, state.get("proj_left"), state.get("proj_right"), side)
+
+    @torch.no_grad()
+    def update_from_lowrank(self, p: Tensor, lowrank_grad: Tensor) -> None:
+        """Adam on an already projected gradient, back-projection and apply (after ``prepare``)."""
+        _, group, _ = self.param_info(p)
+        state = self.state[p]
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        self._step_backend(p).update(
+            p, lowrank_grad, state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"),
+            state.get("proj_right"), side=self.side(p), step=state["step"], lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group.get("scale", 1.0),
+            correct_bias=group["correct_bias"],
+        )
+
+    def side(self, p: Tensor):
+        _, group, _ = self.param_info(p)
+        return projection_side(tuple(p.shape), group["proj_type"]) if "rank" in group else None
+
+    def refresh_due(self, p: Tensor) -> bool:
+        """Whether the next step of ``p`` refreshes its basis: at its first step, then whenever
+        (step + phase) is a multiple of update_proj_gap (phase 0 is galore-torch's schedule)."""
+        _, group, position = self.param_info(p)
+        state = self.state.get(p, {})
+        if "proj_left" not in state and "proj_right" not in state:
+            return True
+        return (state["step"] + refresh_phase(group, position)) % group["update_proj_gap"] == 0
+
+    def check_finite(self, p: Tensor, grad: Tensor) -> bool:
+        """False (and one warning per parameter) when ``grad`` holds NaN or Inf."""
+        if bool(torch.isfinite(grad).all()):
+            return True
+        index, _, _ = self.param_info(p)
+        if index not in self._warned_nonfinite:
+            self._warned_nonfinite.add(index)
+            step = self.state.get(p, {}).get("step", 0)
+            warnings.warn(
+                f"GaLoreAdamW: parameter #{index} (shape {tuple(p.shape)}) has a non-finite gradient at "
+                f"step {step}; its update is skipped (weights, moments and basis unchanged). "
+                "Shown once per parameter.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+
+    # ----------------------------------------------------------------------------- internals
+    def _step_backend(self, p: Tensor) -> dispatch.StepBackend:
+        return dispatch.step_backend(self.backend, p.device)
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if "step" in state:
+            return state
+        state["step"] = 0
+        side = self.side(p)
+        shape = tuple(p.shape) if side is None else lowrank_shape(tuple(p.shape), _rank(group, p), side)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if side is not None:
+            state["refresh_count"] = 0
+        return state
+
+    def _refresh(self, p: Tensor, grad: Tensor, group: dict, state: dict, index: int, side: str) -> None:
+        generator = None
+        if group["svd"] == "randomized":
+            generator = refresh_generator(group["seed"], index, state["refresh_count"], grad.device)
+        left, right = projection_bases(
+            grad, _rank(group, p), side, method=group["svd"], oversample=group["oversample"],
+            niter=group["niter"], generator=generator,
+            backend=dispatch.refresh_backend(self.refresh_backend, grad.device),
+        )
+        for key, basis in (("proj_left", left), ("proj_right", right)):
+            if basis is not None:
+                state[key] = basis.float()
+        state["refresh_count"] += 1
+
+    # --------------------------------------------------------------------------- state dicts
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts every floating state tensor to its parameter's dtype; GaLore's moments
+        and bases are float32 by design, so they are put back from the saved tensors unchanged."""
+        super().load_state_dict(state_dict)
+        self._param_info = None  # the loader replaced the group dicts
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in FLOAT32_STATE:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def lowrank_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
+    m, n = shape
+    return {"left": (rank, n), "right": (m, rank), "full": (rank, rank)}[side]
+
+
+def refresh_phase(group: dict, position: int) -> int:
+    """The parameter's refresh phase: a fixed offset, or "stagger" spreading the group evenly."""
+    gap, offset = group["update_proj_gap"], group["refresh_offset"]
+    if offset == "stagger":
+        return (position * gap) // max(1, len(group["params"]))
+    return offset % gap
+
+
+def _rank(group: dict, p: Tensor) -> int:
+    return min(group["rank"], min(p.shape))
+
+
+def _complete_galore_group(group: dict, group_index: int) -> None:
+    """Fills a GaLore group's defaults and rejects settings that would give a wrong update."""
+    where = f"param group {group_index}"
+    check_rank(group["rank"], f"{where}: rank")
+    for key, default in GALORE_GROUP_DEFAULTS.items():
+        group.setdefault(key, default)
+    check_proj_type(group["proj_type"], f"{where}: proj_type")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"{where}: update_proj_gap={gap!r} must be an integer >= 1 (steps between refreshes).")
+    if group["svd"] not in METHODS:
+        raise ValueError(f"{where}: svd={group['svd']!r} must be one of {', '.join(METHODS)}.")
+    for key in ("oversample", "niter"):
+        value = group[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{where}: {key}={value!r} must be None (the default) or an integer >= 0.")
+    offset = group["refresh_offset"]
+    if offset != "stagger" and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+        raise ValueError(f"{where}: refresh_offset={offset!r} must be an integer >= 0 or 'stagger'.")
+    for position, p in enumerate(group["params"]):
+        if p.dim() != 2:
+            raise ValueError(
+                f"{where}: parameter {position} has shape {tuple(p.shape)}, but GaLore projects 2-D "
+                "weights only. Move it to a group without 'rank' (e.g. with galore_param_groups), or "
+                "reshape it to 2-D."
+            )
+        effective_rank(group["rank"], tuple(p.shape), f"{where} parameter {position}")

@@ -1,0 +1,294 @@
+"""GaLoreAdamW behaviour: checkpoints, dtypes, seeding, bad input, backend choice."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from galore_kernels import BackendUnavailableError, GaLoreAdamW
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 33), nn.Tanh(), nn.Linear(33, 7)).to(dtype)
+
+
+def galore_groups(model, **kw):
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    galore = {"params": [m.weight for m in linears], "rank": 6, "update_proj_gap": 3, **kw}
+    return [galore, {"params": [m.bias for m in linears]}]
+
+
+def batches(n, dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 24, generator=gen).to(dtype), torch.randn(16, 7, generator=gen).to(dtype)) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        ((model(x) - y).float() ** 2).mean().backward()
+        opt.step()
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_roundtrip_continues_bit_for_bit(dtype):
+    """Resume mid-run from a weights_only checkpoint, in a fresh model and optimizer: the run continues
+    exactly as the uninterrupted one (randomized refresh at steps 0, 3, 6, ... crosses the resume)."""
+    data = batches(10, dtype)
+    ref_model = make_model(dtype)
+    ref_opt = GaLoreAdamW(galore_groups(ref_model), lr=1e-2, weight_decay=0.05, seed=7)
+    train(ref_model, ref_opt, data)
+
+    model = make_model(dtype)
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2, weight_decay=0.05, seed=7)
+    train(model, opt, data[:4])
+    checkpoint = roundtrip({"model": model.state_dict(), "optim": opt.state_dict()})
+
+    resumed = make_model(dtype, seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = GaLoreAdamW(galore_groups(resumed), lr=1e-2, weight_decay=0.05, seed=7)
+    resumed_opt.load_state_dict(checkpoint["optim"])
+    for p in resumed.parameters():
+        state = resumed_opt.state[p]
+        for key in ("exp_avg", "exp_avg_sq", "proj_left", "proj_right"):
+            if key in state:
+                assert state[key].dtype == torch.float32, (key, state[key].dtype)
+    train(resumed, resumed_opt, data[4:])
+
+    for a, b in zip(ref_model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_model.parameters(), resumed.parameters()):
+        sa, sb = ref_opt.state[a], resumed_opt.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), key
+            else:
+                assert sa[key] == sb[key], key
+
+
+def test_state_is_plain_float32_for_bf16_params():
+    model = make_model(torch.bfloat16)
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-3)
+    train(model, opt, batches(2, torch.bfloat16))
+    w = model[0].weight  # 40 x 24: m >= n projects on the right, rank 6
+    state = opt.state[w]
+    assert state["exp_avg"].shape == (40, 6) and state["exp_avg"].dtype == torch.float32
+    assert state["proj_right"].shape == (6, 24) and state["proj_right"].dtype == torch.float32
+    assert "proj_left" not in state
+    assert isinstance(state["step"], int) and state["step"] == 2
+    assert model[0].weight.dtype == torch.bfloat16
+    # Everything in the state dict is a tensor, a number, a string, None or a container of those.
+    sd = opt.state_dict()
+    allowed = (torch.Tensor, int, float, str, bool, type(None), tuple, list, dict)
+
+    def walk(x):
+        assert isinstance(x, allowed), type(x)
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(sd)
+
+
+def test_randomized_refresh_is_seeded_per_parameter():
+    def bases(seed):
+        torch.manual_seed(0)
+        a = nn.Parameter(torch.randn(30, 50))
+        b = nn.Parameter(a.detach().clone())
+        opt = GaLoreAdamW([{"params": [a, b], "rank": 4}], seed=seed)
+        g = torch.randn(30, 50)
+        a.grad, b.grad = g.clone(), g.clone()
+        torch.manual_seed(999)  # the global RNG must play no part
+        opt.step()
+        return opt.state[a]["proj_left"], opt.state[b]["proj_left"]
+
+    a0, b0 = bases(0)
+    a0_again, b0_again = bases(0)
+    a1, _ = bases(1)
+    assert torch.equal(a0, a0_again) and torch.equal(b0, b0_again)
+    assert not torch.equal(a0, b0)  # parameter index is part of the seed
+    assert not torch.equal(a0, a1)  # so is the optimizer seed
+    # Different sketches, same subspace (the gradient here is full-rank random; compare projectors).
+    assert torch.allclose(a0 @ a0.T @ a0, a0, atol=1e-5)
+
+
+def test_refresh_schedule_matches_galore_torch_and_staggers_on_request():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(12, 20)) for _ in range(4)]
+    plain = GaLoreAdamW([{"params": params, "rank": 2, "update_proj_gap": 4}])
+    stagger = GaLoreAdamW([{"params": [nn.Parameter(p.detach().clone()) for p in params], "rank": 2,
+                            "update_proj_gap": 4, "refresh_offset": "stagger"}])
+    refresh_steps = {opt: [[] for _ in params] for opt in (plain, stagger)}
+    for t in range(9):
+        for opt in (plain, stagger):
+            ps = opt.param_groups[0]["params"]
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(12, 20)
+                if opt.refresh_due(p):
+                    refresh_steps[opt][i].append(t)
+            opt.step()
+            for i, p in enumerate(ps):
+                assert opt.state[p]["refresh_count"] == len(refresh_steps[opt][i])
+    assert refresh_steps[plain] == [[0, 4, 8]] * 4
+    # Phases 0, 1, 2, 3: refresh at the first step, then whenever (t + phase) % 4 == 0.
+    assert refresh_steps[stagger] == [[0, 4, 8], [0, 3, 7], [0, 2, 6], [0, 1, 5]]
+
+
+def test_galore_torch_constructor_and_groups_run_unchanged():
+    model = make_model()
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"},
+        {"params": [model[4].weight, model[0].bias, model[2].bias, model[4].bias]},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation chatter
+        opt = GaLoreAdamW(groups, 1e-3, (0.9, 0.999), 1e-6, 0.0, True, True)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, batches(3))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.param_groups[0]["svd"] == "randomized"  # our default refresh
+
+
+def test_closure_is_evaluated_with_grad_enabled():
+    model = make_model()
+    opt = GaLoreAdamW(galore_groups(model))
+    x, y = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and loss.item() > 0
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_rank_below_one_is_rejected():
+    w = nn.Parameter(torch.randn(8, 8))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="rank"):
+            GaLoreAdamW([{"params": [w], "rank": bad}])
+
+
+def test_unknown_proj_type_is_rejected():
+    with pytest.raises(ValueError, match="proj_type='sideways'.*std"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.randn(8, 8))], "rank": 2, "proj_type": "sideways"}])
+
+
+def test_non_2d_parameter_in_galore_group_is_rejected_by_position_and_shape():
+    conv = nn.Parameter(torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"parameter 1 has shape \(4, 3, 3, 3\).*2-D"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.randn(8, 8)), conv], "rank": 2}])
+
+
+def test_failed_group_is_not_left_behind():
+    opt = GaLoreAdamW([nn.Parameter(torch.randn(3))])
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 4, 4))], "rank": 2})
+    assert len(opt.param_groups) == 1
+
+
+def test_sparse_gradient_is_rejected_with_parameter_named():
+    emb = nn.Embedding(10, 6, sparse=True)
+    opt = GaLoreAdamW([{"params": [emb.weight], "rank": 2}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse gradient for parameter #0 \(shape \(10, 6\)\)"):
+        opt.step()
+
+
+def test_rank_above_smaller_side_is_clamped_with_warning():
+    w = nn.Parameter(torch.randn(5, 9))
+    with pytest.warns(UserWarning, match="clamped to 5"):
+        opt = GaLoreAdamW([{"params": [w], "rank": 8, "svd": "exact"}], lr=1e-2)
+    w.grad = torch.randn(5, 9)
+    opt.step()
+    assert opt.state[w]["proj_left"].shape == (5, 5)
+    assert opt.state[w]["exp_avg"].shape == (5, 9)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_skips_the_parameter_step(bad):
+    torch.manual_seed(0)
+    w, other = nn.Parameter(torch.randn(12, 20)), nn.Parameter(torch.randn(20, 12))
+    opt = GaLoreAdamW([{"params": [w, other], "rank": 3, "update_proj_gap": 2}], lr=1e-2)
+
+    def grads(poison):
+        g = torch.randn(12, 20)
+        if poison:
+            g[3, 4] = bad
+        w.grad, other.grad = g, torch.randn(20, 12)
+
+    # At step 0: nothing is created or changed for w, the other parameter steps normally.
+    w0, o0 = w.detach().clone(), other.detach().clone()
+    grads(poison=True)
+    with pytest.warns(RuntimeWarning, match=r"parameter #0 .*non-finite"):
+        opt.step()
+    assert torch.equal(w, w0) and "proj_left" not in opt.state[w]
+    assert not torch.equal(other, o0)
+
+    # Later: weights, moments, basis and step count untouched; one warning per parameter only.
+    grads(poison=False)
+    opt.step()
+    snapshot = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[w].items()}
+    w1 = w.detach().clone()
+    grads(poison=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(w, w1)
+    for key, value in snapshot.items():
+        assert torch.equal(opt.state[w][key], value) if torch.is_tensor(value) else opt.state[w][key] == value
+    assert opt.state[w]["step"] == 1
+
+
+def test_optimizer_arguments_are_checked():
+    w = [nn.Parameter(torch.randn(4, 4))]
+    for kwargs in ({"lr": -1.0}, {"betas": (1.0, 0.9)}, {"eps": -1e-8}, {"weight_decay": -0.1}):
+        with pytest.raises(ValueError):
+            GaLoreAdamW(w, **kwargs)
+    for group in ({"update_proj_gap": 0}, {"svd": "qr"}, {"oversample": -1}, {"niter": 1.5}, {"refresh_offset": "late"}):
+        with pytest.raises(ValueError, match=next(iter(group))):
+            GaLoreAdamW([{"params": w, "rank": 2, **group}])
+
+
+# ------------------------------------------------------------------------------------- backends
+def test_unavailable_step_backend_fails_at_construction_with_reason(monkeypatch):
+    monkeypatch.delenv("GALORE_KERNELS_BACKEND", raising=False)
+    with pytest.raises(BackendUnavailableError, match="backend='triton'.*auto"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="triton")
+    with pytest.raises(BackendUnavailableError, match="refresh_backend='native'"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], refresh_backend="native")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="cuda")
+
+
+def test_environment_forces_the_backend_for_the_process(monkeypatch):
+    monkeypatch.setenv("GALORE_KERNELS_BACKEND", "reference")
+    opt = GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="triton")  # the environment wins
+    assert opt.backend == "reference"
+    monkeypatch.setenv("GALORE_KERNELS_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="reference")
+    monkeypatch.setenv("GALORE_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="GALORE_KERNELS_BACKEND='fast'"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))])
+    monkeypatch.delenv("GALORE_KERNELS_BACKEND")
+    monkeypatch.setenv("GALORE_KERNELS_REFRESH_BACKEND", "native")
+    with pytest.raises(BackendUnavailableError, match="native"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))])

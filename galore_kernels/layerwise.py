@@ -87,6 +87,7 @@ class LayerwiseHandle:
             p.register_post_accumulate_grad_hook(self._on_grad)
             for group in opt.param_groups
             for p in group["params"]
+            if p.requires_grad  # a frozen parameter never gets a gradient (and torch refuses the hook)
         ]
 
     # ------------------------------------------------------------------------------- hooks

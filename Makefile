@@ -1,4 +1,4 @@
-# Two commands matter: `make test` (sets everything up, then runs the suite) and, later, `make train`.
+# Two commands matter: `make train` (the main job) and `make test`; each does all set-up first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q
 
-.PHONY: install test clean
+.PHONY: install test train clean
 
 install: $(VENV)/.installed
 
@@ -16,11 +16,21 @@ $(VENV)/.installed: setup.py Makefile
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# --no-build-isolation: build against the torch above, never a second one.
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[train,test]" "$(TORCH_SPEC)"
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	# One thread per process: the test models are tiny, and the tests that start several processes
+	# (DDP, kill-and-resume) would otherwise oversubscribe the two cores.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The main job: prepare the embedded default dataset if needed (idempotent), then train on it.
+# CONFIG=path/to/your.yaml trains your model instead; ARGS passes more flags (e.g. ARGS="--resume").
+CONFIG ?= python/configs/default.yaml
+ARGS ?=
+train: install
+	$(BIN)/galore-train --config $(CONFIG) --prepare-data
+	$(BIN)/galore-train --config $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -11,6 +11,7 @@ the low-rank tensor, which for ``reverse_std`` picks the wrong side whenever tha
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Literal
 
@@ -39,9 +40,14 @@ def check_proj_type(proj_type: str, where: str = "proj_type") -> None:
 
 
 def check_rank(rank, where: str = "rank") -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    """``rank`` as an int (NumPy and torch integers accepted), or a ValueError naming ``where``."""
+    try:
+        value = operator.index(rank)
+    except TypeError:
+        value = None
+    if isinstance(rank, bool) or value is None or value < 1:
         raise ValueError(f"{where}={rank!r} is invalid: the GaLore rank must be an integer >= 1 (e.g. 128).")
-    return rank
+    return value
 
 
 def effective_rank(rank: int, shape: tuple[int, ...], what: str = "parameter") -> int:

@@ -81,8 +81,20 @@ def randomized_basis(
     # The right subspace of G is the left subspace of G^T.
     A = G if side == "left" else G.mT
     omega = gaussian_sketch(A, rank, oversample, generator)
-    P = backend.randomized_basis(A, omega, rank, niter)
+    P = canonical_signs(backend.randomized_basis(A, omega, rank, niter))
     return P if side == "left" else P.mT.contiguous()
+
+
+def canonical_signs(P: Tensor) -> Tensor:  # (..., m, r) -> same, each column's largest entry positive
+    """Fixes each basis vector's arbitrary sign: its entry of largest magnitude is made positive.
+
+    GaLore carries Adam's moments across a refresh in the new basis' coordinates, so a sign that
+    flips under a rounding-level change of the gradient (eigensolvers give no sign guarantee) would
+    make two runs that differ only in summation order diverge.
+    """
+    index = P.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(P, -2, index))
+    return P * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def exact_basis(G: Tensor, rank: int, side: str) -> Tensor:

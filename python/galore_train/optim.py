@@ -1,0 +1,97 @@
+"""The optimizer the routing table asks for, and its learning-rate schedule.
+
+| effective type | what steps the weights |
+|---|---|
+| galore | ``galore_kernels.GaLoreAdamW``: routed GaLore weights projected, the rest plain AdamW |
+| galore_layerwise | the same math from gradient hooks (``galore_kernels.attach_layerwise``), gradients freed at once |
+| adamw | ``GaLoreAdamW`` with no projected group: AdamW with float32 moments and decoupled decay after the update, so a GaLore/AdamW comparison differs only by the projection |
+| adamw8bit | ``bitsandbytes.optim.AdamW8bit`` |
+
+The schedule (constant, linear or cosine decay after a linear warm-up) advances once per optimizer
+step. Global-norm clipping is done by the trainer for the standard optimizers; layer-wise mode clips
+per parameter (DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from galore_kernels import GaLoreAdamW, attach_layerwise
+
+from .config import Config
+from .routing import RoutingTable
+
+
+@dataclass
+class OptimizerBundle:
+    kind: str  # effective optimizer type
+    optimizer: Any  # a torch optimizer (for layer-wise: the handle's GaLoreAdamW)
+    scheduler: Optional[torch.optim.lr_scheduler.LambdaLR]  # None in layer-wise mode (the handle schedules)
+    layerwise: Any = None  # the LayerwiseHandle in layer-wise mode
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict:
+        if self.layerwise is not None:
+            return {"layerwise": self.layerwise.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.layerwise is not None:
+            self.layerwise.load_state_dict(state["layerwise"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def lr_lambda(config: Config, total_steps: int) -> Callable[[int], float]:
+    t = config.training
+    warmup, kind = t.warmup_steps, t.lr_scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, routing: RoutingTable, config: Config, total_steps: int) -> OptimizerBundle:
+    t, o = config.training, config.optimizer
+    kind = routing.optimizer_type
+    schedule = lr_lambda(config, total_steps)
+    common = dict(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    plain = routing.adamw_params(model)
+    galore = routing.galore_params(model) if kind in ("galore", "galore_layerwise") else []
+    groups = []
+    if galore:
+        groups.append({
+            "params": galore, "rank": o.rank, "update_proj_gap": o.update_proj_gap, "scale": o.scale,
+            "proj_type": o.proj_type, "svd": o.svd, "oversample": o.oversample, "niter": o.niter,
+            "refresh_offset": o.refresh_offset,
+        })
+    if plain:
+        groups.append({"params": plain})
+    if kind == "galore_layerwise":
+        handle = attach_layerwise(
+            model, groups, lr=t.lr, grad_accumulation_steps=t.gradient_accumulation_steps,
+            max_grad_norm=t.max_grad_norm, lr_lambda=schedule, seed=t.seed, **common,
+        )
+        return OptimizerBundle(kind, handle.optimizer, None, handle)
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(plain, lr=t.lr, **common)
+    else:  # galore, adamw
+        optimizer = GaLoreAdamW(groups, lr=t.lr, seed=t.seed, **common)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return OptimizerBundle(kind, optimizer, scheduler)

@@ -1,0 +1,431 @@
+"""The training loop: exact accumulation, mid-epoch resume, evaluation, checkpoints, reports.
+
+Order of work, so that a failure costs nothing: configuration and preflight checks (nothing written),
+data and model loading, routing and its checks, optimizer, resume; only then are outputs written.
+
+Loss: the sum of token losses of a window divided by the number of target tokens in the whole window
+(all micro-batches, all ranks), so any split of a window into micro-batches and ranks gives the same
+gradient. Checkpoints are taken after an optimizer step, after that step's log and evaluation
+records, so a resumed run repeats nothing and skips nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed, preflight
+from .batching import Plan
+from .checkpoint import (
+    capture_rng_state,
+    load_model_weights,
+    load_training_state,
+    prune_checkpoints,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import Config
+from .data import TokenizedDataset, collate, default_data_ready, load_records, load_tokenizer
+from .memory import MemoryTracker
+from .modeling import build_model, resolve_device
+from .optim import OptimizerBundle, build_optimizer
+from .preflight import PreflightError
+from .report import MetricsLog, plot_losses, read_metrics, results_table, write_json
+from .routing import route_parameters
+
+logger = logging.getLogger("galore_train")
+
+
+@dataclass
+class TrainerState:
+    """Where the run is; saved in every checkpoint (plain numbers and lists only)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro: int = 0  # next unseen micro-batch of this epoch
+    tokens: int = 0  # target tokens trained on
+    interval_loss: float = 0.0  # sum of window losses since the last train log record
+    interval_windows: int = 0
+    eval_loss_per_epoch: list = field(default_factory=list)
+    train_time_s: float = 0.0
+
+
+@dataclass
+class LoadedData:
+    tokenizer: object
+    train: TokenizedDataset
+    eval: TokenizedDataset
+    description: str
+
+
+# ------------------------------------------------------------------------------------- entry
+def train(config: Config, *, resume: Optional[str] = None) -> dict:
+    """Runs the configured training; returns the summary (also written to summary.json)."""
+    info = distributed.from_environment()
+    device = resolve_device(config.training.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    out = Path(config.output_dir)
+    preflight.check_output_dir(out)
+    preflight.check_bitsandbytes(config)
+    preflight.check_combination(config, world_size=info.world_size, device=device)
+    distributed.init(info, device)
+    try:
+        return Trainer(config, info, device, out).run(resume)
+    finally:
+        distributed.shutdown(info)
+
+
+class Trainer:
+    def __init__(self, config: Config, info: distributed.DistInfo, device: torch.device, out: Path):
+        self.config, self.info, self.device, self.out = config, info, device, out
+        self.t = config.training
+        self.tracker = MemoryTracker(device)
+        self.state = TrainerState()
+        self.metrics: Optional[MetricsLog] = None
+
+    # ------------------------------------------------------------------------- set-up
+    def setup(self, resume: Optional[str]) -> Optional[Path]:
+        config, t = self.config, self.t
+        with self.tracker.phase("load"):
+            self.data = load_data(config, self.out)
+            torch.manual_seed(t.seed)
+            self.model = build_model(config, vocab_size=len(self.data.tokenizer), device=self.device)
+        preflight.check_seq_len(self.model, config)
+        if config.quantization.enabled:
+            preflight.check_quantized_model(self.model)
+        self.routing = route_parameters(self.model, config)
+        preflight.check_ranks(self.model, self.routing, config)
+        self.plan = Plan(len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
+                         self.info.world_size, t.seed)
+        self.total_steps = self.plan.total_steps(t.epochs, t.max_steps)
+        self.bundle: OptimizerBundle = build_optimizer(self.model, self.routing, config, self.total_steps)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16-mixed" else None
+        checkpoint = resolve_resume(resume, self.out)  # before anything is written
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.ddp_model = self._wrap_ddp()
+        return checkpoint
+
+    def _wrap_ddp(self):
+        if not self.info.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _restore(self, checkpoint: Path) -> None:
+        load_model_weights(checkpoint, self.model)
+        saved = load_training_state(checkpoint)
+        self.bundle.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.state = TrainerState(**saved["trainer"])
+        restore_rng_state(saved["rng"])
+        self._log(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch + 1}, micro-batch {self.state.micro})")
+
+    # --------------------------------------------------------------------------- run
+    def run(self, resume: Optional[str]) -> dict:
+        checkpoint = self.setup(resume)
+        if self.info.is_main:
+            self._announce()
+            self.out.mkdir(parents=True, exist_ok=True)
+            resumed_at = self.state.step if checkpoint is not None else None
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=resumed_at)
+        try:
+            self._loop()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.info.is_main:
+                self.tracker.write(self.out / "memory_report.json")
+        return self._finish()
+
+    def _announce(self) -> None:
+        print(self.routing.format(), flush=True)
+        if self.routing.fallback_note:
+            logger.warning(self.routing.fallback_note)
+            print(self.routing.fallback_note, flush=True)
+        d = self.data
+        self._log(f"data: {d.description}; {len(d.train)} train / {len(d.eval)} eval examples; "
+                  f"{self.plan.windows_per_epoch} optimizer steps per epoch, {self.total_steps} in all")
+
+    def _loop(self) -> None:
+        t, plan, state = self.t, self.plan, self.state
+        progress = _progress(self.total_steps, state.step, self.info.is_main)
+        while state.step < self.total_steps and state.epoch < t.epochs:
+            order = plan.epoch_order(state.epoch)
+            first_window = state.micro // plan.accumulation
+            for w in range(first_window, plan.windows_per_epoch):
+                window = plan.window(w)
+                started = time.perf_counter()
+                with self.tracker.phase("train"):
+                    loss, targets = self._train_window(order, window)
+                state.train_time_s += time.perf_counter() - started
+                state.step += 1
+                state.micro = window.stop
+                state.tokens += targets
+                state.interval_loss += loss
+                state.interval_windows += 1
+                epoch_done = window.stop == plan.micro_batches_per_epoch
+                last = state.step >= self.total_steps
+                self._after_step(progress, targets / max(1e-9, time.perf_counter() - started))
+                if t.eval_every and state.step % t.eval_every == 0 and not (epoch_done or last):
+                    self._evaluate()
+                if t.save_every and state.step % t.save_every == 0 and not (epoch_done or last):
+                    self._save()
+                if last:
+                    break
+            self._end_epoch()
+        progress.close()
+
+    def _end_epoch(self) -> None:
+        """Evaluation for the epoch (or the partial epoch max_steps ended), then its checkpoint."""
+        state = self.state
+        state.eval_loss_per_epoch.append(self._evaluate())
+        state.epoch += 1
+        state.micro = 0
+        self._save()
+
+    # ---------------------------------------------------------------------------- window
+    def _train_window(self, order: list[int], window: range) -> tuple[float, int]:
+        """Forward/backward over the window's micro-batches, then one optimizer step."""
+        batches = [self._micro_batch(order, j) for j in window]
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        (window_targets,) = distributed.all_sum([local_targets], self.info, self.device)
+        window_targets = max(window_targets, 1.0)
+        loss_sum = 0.0
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            ctx = self.ddp_model.no_sync() if self.info.enabled and not sync else contextlib.nullcontext()
+            with ctx:
+                token_loss = self._token_loss_sum(self.ddp_model, batch)
+                scaled = token_loss * (self.info.world_size / window_targets)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += float(token_loss.detach())
+        self._optimizer_step(len(batches))
+        (total_loss,) = distributed.all_sum([loss_sum], self.info, self.device)
+        return total_loss / window_targets, int(window_targets)
+
+    def _micro_batch(self, order: list[int], index: int) -> dict:
+        indices = self.plan.micro_batch(order, index, self.info.rank)
+        if indices:
+            return self._collate(indices)
+        # This rank's share of a short last micro-batch is empty: it still runs one example, with no
+        # target tokens, so that it takes part in DDP's gradient reduction.
+        batch = self._collate(self.plan.global_micro_batch(order, index)[:1])
+        batch["labels"].fill_(-100)
+        return batch
+
+    def _collate(self, indices: list[int]) -> dict:
+        batch = collate([self.data.train[i] for i in indices], self.data.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _token_loss_sum(self, model, batch: dict) -> torch.Tensor:
+        with self._autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+    def _autocast(self):
+        precision = self.t.precision
+        if precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if precision == "fp16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self, micro_batches: int) -> None:
+        bundle, t = self.bundle, self.t
+        if bundle.layerwise is not None:
+            # The hooks stepped during backward; a short tail window still has to be closed.
+            bundle.layerwise.flush()
+            self._record_tensors_once()
+            return
+        opt = bundle.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if t.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        bundle.scheduler.step()
+        self._record_tensors_once()
+        opt.zero_grad(set_to_none=True)
+
+    def _record_tensors_once(self) -> None:
+        if not getattr(self, "_tensors_recorded", False):
+            self._tensors_recorded = True
+            target = self.bundle.layerwise if self.bundle.layerwise is not None else self.bundle.optimizer
+            self.tracker.record_tensors(self.model, target)
+            if self.info.is_main:
+                self.tracker.write(self.out / "memory_report.json")
+
+    # -------------------------------------------------------------------- logs, eval, save
+    def _after_step(self, progress, tokens_per_s: float) -> None:
+        state, t = self.state, self.t
+        lr = self.bundle.current_lr()
+        progress.update(1)
+        progress.set_postfix(loss=f"{state.interval_loss / max(1, state.interval_windows):.3f}", lr=f"{lr:.2e}",
+                             tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        if state.step % t.log_every == 0 or state.step >= self.total_steps:
+            self._write({"type": "train", "step": state.step, "epoch": state.epoch + 1,
+                         "loss": state.interval_loss / state.interval_windows, "lr": lr,
+                         "tokens": state.tokens, "tokens_per_s": round(tokens_per_s, 1)})
+            state.interval_loss, state.interval_windows = 0.0, 0
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        model, data = self.model, self.data
+        was_training = model.training
+        model.eval()
+        loss_sum, targets = 0.0, 0
+        with self.tracker.phase("eval"):
+            size = self.t.micro_batch_size
+            mine = list(range(self.info.rank, len(data.eval), self.info.world_size))
+            for start in range(0, len(mine), size):
+                batch = collate([data.eval[i] for i in mine[start:start + size]], data.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                loss_sum += float(self._token_loss_sum(model, batch))
+                targets += int((batch["labels"][:, 1:] != -100).sum())
+        model.train(was_training)
+        total, count = distributed.all_sum([loss_sum, targets], self.info, self.device)
+        loss = total / max(count, 1.0)
+        self._write({"type": "eval", "step": self.state.step, "epoch": self.state.epoch + 1,
+                     "eval_loss": loss, "perplexity": float(torch.tensor(loss).exp())})
+        return loss
+
+    def _save(self) -> None:
+        if self.info.is_main:
+            training_state = {
+                "optimizer": self.bundle.state_dict(),
+                "trainer": asdict(self.state),
+                "rng": capture_rng_state(),
+                "config": self.config.to_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            }
+            save_checkpoint(self.out, self.state.step, model=self.model, training_state=training_state)
+            prune_checkpoints(self.out, self.t.keep_last)
+        distributed.barrier(self.info)
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def _log(self, message: str) -> None:
+        if self.info.is_main:
+            logger.info(message)
+            print(message, flush=True)
+
+    # ---------------------------------------------------------------------------- finish
+    def _finish(self) -> dict:
+        state, config = self.state, self.config
+        report = self.tracker.report()
+        summary = {
+            "mode": run_mode(config, self.bundle.kind),
+            "optimizer": self.bundle.kind,
+            "output_dir": str(self.out),
+            "eval_loss_per_epoch": state.eval_loss_per_epoch,
+            "eval_perplexity_per_epoch": [float(torch.tensor(x).exp()) for x in state.eval_loss_per_epoch],
+            "steps": state.step,
+            "target_tokens": state.tokens,
+            "train_time_s": round(state.train_time_s, 2),
+            "peak_memory_bytes": peak_memory(report),
+            "device": str(self.device),
+            "precision": self.t.precision,
+            "routing": self.routing.counts(),
+            "world_size": self.info.world_size,
+        }
+        if self.info.is_main:
+            write_json(self.out / "summary.json", summary)
+            plot_losses(read_metrics(self.out / "metrics.jsonl"), self.out / "loss.png",
+                        f"{summary['mode']} ({summary['optimizer']})")
+            print("\n" + results_table([summary]), flush=True)
+            print(f"\noutputs in {self.out}: metrics.jsonl, memory_report.json, summary.json, loss.png, checkpoints/",
+                  flush=True)
+        return summary
+
+
+# ------------------------------------------------------------------------------------ helpers
+def load_data(config: Config, out: Path) -> LoadedData:
+    d, t = config.data, config.training
+    if d.train_file is None:
+        data_dir = out / "data"
+        if not default_data_ready(data_dir, seed=t.seed, n_train=d.default_train_examples,
+                                  n_eval=d.default_eval_examples, vocab_size=d.default_vocab_size):
+            raise PreflightError(
+                f"the embedded default dataset is not prepared in {data_dir}: run "
+                "`galore-train --config <this config> --prepare-data` first (`make train` does), or set "
+                "data.train_file to your own JSON/JSONL data."
+            )
+        train_path, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
+        tokenizer_source = d.tokenizer or str(data_dir / "tokenizer")
+        description = f"embedded default ({data_dir})"
+    else:
+        train_path = Path(d.train_file)
+        eval_path = Path(d.eval_file) if d.eval_file else None
+        tokenizer_source = d.tokenizer or config.model.name_or_path
+        if tokenizer_source is None:
+            raise PreflightError(
+                "data.train_file is set but no tokenizer is known: set data.tokenizer to a tokenizer "
+                "folder, or model.name_or_path to a model folder that has one."
+            )
+        description = str(train_path)
+    tokenizer = load_tokenizer(tokenizer_source)
+    train_records = load_records(train_path)
+    if eval_path is not None:
+        eval_records = load_records(eval_path)
+    else:
+        train_records, eval_records = split_eval(train_records, d.eval_fraction, t.seed)
+    train = TokenizedDataset(train_records, tokenizer, t.max_seq_len)
+    evalset = TokenizedDataset(eval_records, tokenizer, t.max_seq_len)
+    preflight.check_dataset(len(train), len(evalset), train.dropped + evalset.dropped,
+                            f"{description} (training.max_seq_len={t.max_seq_len})")
+    return LoadedData(tokenizer, train, evalset, description)
+
+
+def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded hold-out of ``fraction`` of the records (at least one) for evaluation."""
+    indices = list(range(len(records)))
+    random.Random(seed).shuffle(indices)
+    n_eval = max(1, int(len(records) * fraction)) if len(records) > 1 else 0
+    held = set(indices[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def run_mode(config: Config, kind: str) -> str:
+    if config.quantization.enabled:
+        return "A: 8-bit base, float params trained"
+    if kind in ("galore", "galore_layerwise"):
+        return "B: GaLore full-parameter"
+    return "full-parameter " + ("AdamW8bit" if kind == "adamw8bit" else "AdamW")
+
+
+def peak_memory(report: dict) -> Optional[int]:
+    """The run's peak: CUDA max allocated when on a GPU, else the process's peak RSS."""
+    key = "cuda_max_allocated_bytes" if str(report.get("device", "")).startswith("cuda") else "peak_rss_bytes"
+    peaks = [phase.get(key) for phase in report.get("phases", {}).values()]
+    peaks = [p for p in peaks if p]
+    return max(peaks) if peaks else report.get("current", {}).get("peak_rss_since_process_start_bytes")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                file=sys.stderr, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,231 @@
+"""The trainer end to end: outputs, exact accumulation, resume after a real kill, preflight, DDP, download."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from galore_train.cli import main as cli_main
+
+from .conftest import (
+    DATA_SIZES,
+    TINY_ARCH,
+    final_weights,
+    free_port,
+    run_cli,
+    run_subprocess,
+    subprocess_env,
+    tiny_config,
+    write_config,
+)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_embedded_default_end_to_end(tmp_path, capsys):
+    """--prepare-data then training on the embedded default: every output is there and eval loss falls."""
+    out = tmp_path / "run"
+    config = {"output_dir": str(out), "model": {"architecture": dict(TINY_ARCH)}, "data": dict(DATA_SIZES),
+              "training": {"epochs": 3, "micro_batch_size": 8, "lr": 5e-3, "warmup_steps": 2, "max_seq_len": 64,
+                           "save_every": 0}, "optimizer": {"rank": 4, "update_proj_gap": 5}}
+    assert run_cli(config, tmp_path) == 2  # not prepared yet: a clear preflight error, nothing written
+    assert "--prepare-data" in capsys.readouterr().err and not out.exists()
+    assert run_cli(config, tmp_path, "--prepare-data") == 0
+    assert run_cli(config, tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "parameter routing (optimizer: galore)" in printed and "eval loss per epoch" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    losses = summary["eval_loss_per_epoch"]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert summary["mode"].startswith("B: GaLore") and summary["peak_memory_bytes"] > 0
+    memory = json.loads((out / "memory_report.json").read_text())
+    assert {"load", "train", "eval"} <= set(memory["phases"])
+    assert memory["tensors"]["optimizer_state"]["galore_moments"]["bytes"] > 0
+    assert memory["tensors"]["saving_vs_full_rank_adam_bytes"] > 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["type"] == "eval"] == [12, 24, 36]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-24", "step-36"]  # keep_last 2
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore"])
+def test_accumulation_matches_one_big_micro_batch(tmp_path, prepared, optimizer):
+    """micro_batch_size=2 x accumulation 4 == micro_batch_size=8 x 1: token-normalised window loss."""
+    results = {}
+    for name, mbs, acc in (("split", 2, 4), ("whole", 8, 1)):
+        config = tiny_config(tmp_path / name, prepared, training={"micro_batch_size": mbs, "gradient_accumulation_steps": acc,
+                                                                  "max_steps": 6, "epochs": 1},
+                             optimizer={"type": optimizer})
+        assert run_cli(config, tmp_path, name=f"{name}.yaml") == 0
+        results[name] = final_weights(tmp_path / name)
+    for key, value in results["whole"].items():
+        torch.testing.assert_close(results["split"][key], value, rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_layerwise_matches_standard_galore_through_the_trainer(tmp_path, prepared):
+    results = {}
+    for kind in ("galore", "galore_layerwise"):
+        config = tiny_config(tmp_path / kind, prepared, training={"micro_batch_size": 4, "gradient_accumulation_steps": 3,
+                                                                  "epochs": 1},
+                             optimizer={"type": kind})
+        assert run_cli(config, tmp_path, name=f"{kind}.yaml") == 0
+        results[kind] = final_weights(tmp_path / kind)
+    for key, value in results["galore"].items():
+        torch.testing.assert_close(results["galore_layerwise"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ------------------------------------------------------------------------------------- resume
+KILL_AFTER_SAVE = r"""
+import os, sys, time
+from pathlib import Path
+import galore_train.trainer as trainer
+from galore_train.cli import main
+
+kill_step, marker = int(sys.argv[1]), Path(sys.argv[2])
+real_save = trainer.save_checkpoint
+
+def save_then_wait(output_dir, step, **kw):
+    path = real_save(output_dir, step, **kw)
+    if step == kill_step:
+        marker.write_text(str(path))
+        time.sleep(600)  # the parent SIGKILLs us here, after a complete checkpoint
+    return path
+
+trainer.save_checkpoint = save_then_wait
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def kill_after_checkpoint(config_path, tmp_path, kill_step):
+    script = tmp_path / "kill_after_save.py"
+    script.write_text(KILL_AFTER_SAVE)
+    marker = tmp_path / "saved.marker"
+    proc = subprocess.Popen([sys.executable, str(script), str(kill_step), str(marker), "--config", str(config_path)],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the run never reached its checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("optimizer, accumulation", [("galore", 1), ("galore", 3), ("galore_layerwise", 3)])
+def test_resume_after_kill_is_bitwise_identical(tmp_path, prepared, optimizer, accumulation):
+    """96 examples / micro-batch 8 = 12 micro-batches: with accumulation 3 that is 4 windows an epoch,
+    with 1 it is 12; checkpoints every 2 steps; the kill lands mid-epoch."""
+    training = {"gradient_accumulation_steps": accumulation, "save_every": 2, "epochs": 2}
+    if accumulation == 3:
+        training["micro_batch_size"] = 7  # 14 micro-batches: windows of 3, 3, 3, 3, 2 (a tail window)
+    straight = tiny_config(tmp_path / "straight", prepared, training=training, optimizer={"type": optimizer})
+    killed = tiny_config(tmp_path / "killed", prepared, training=training, optimizer={"type": optimizer})
+    straight_path = write_config(tmp_path / "straight.yaml", straight)
+    killed_path = write_config(tmp_path / "killed.yaml", killed)
+
+    done = run_subprocess(["-m", "galore_train", "--config", str(straight_path)])
+    assert done.returncode == 0, done.stderr
+    kill_after_checkpoint(killed_path, tmp_path, kill_step=4)
+    resumed = run_subprocess(["-m", "galore_train", "--config", str(killed_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step-4" in resumed.stdout
+
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, prepared):
+    config = tiny_config(tmp_path / "run", prepared, training={"save_every": 2, "epochs": 1, "max_steps": 6})
+    assert run_cli(config, tmp_path) == 0
+    reference = final_weights(tmp_path / "run")
+    latest = tmp_path / "run" / "checkpoints" / "step-6"
+    state_file = latest / "training_state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])  # truncated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli(config, tmp_path, "--resume", "auto") == 0
+    assert any("step-6" in str(w.message) and "falling back" in str(w.message) for w in caught)
+    resumed = final_weights(tmp_path / "run")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_explicit_incomplete_resume_path_is_refused(tmp_path, prepared, capsys):
+    config = tiny_config(tmp_path / "run", prepared)
+    assert run_cli(config, tmp_path, "--resume", str(tmp_path / "run" / "checkpoints" / "step-9")) == 2
+    assert "step-9" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- preflight
+@pytest.mark.parametrize("change, expected", [
+    ({"optimizer": {"rank": 100}}, "rank"),
+    ({"training": {"max_seq_len": 512}}, "max_seq_len"),
+    ({"training": {"precision": "fp16-mixed"}, "optimizer": {"type": "galore_layerwise"}}, "layer"),
+    ({"quantization": {"enabled": True}, "training": {"precision": "bf16"}}, "bf16"),
+    ({"training": {"device": "cuda:7"}}, "cuda"),
+])
+def test_preflight_failures_exit_2_with_nothing_written(tmp_path, prepared, capsys, change, expected):
+    config = tiny_config(tmp_path / "run", prepared, **change)
+    assert run_cli(config, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("galore-train: error:") and expected in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_dataset_and_unwritable_output_are_refused(tmp_path, prepared, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = tiny_config(tmp_path / "run", prepared, data={"train_file": str(empty)})
+    assert run_cli(config, tmp_path) == 2
+    assert "empty.jsonl" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = tiny_config(blocker / "run", prepared)
+    assert run_cli(config, tmp_path) == 2
+    assert str(blocker) in capsys.readouterr().err
+
+
+def test_quantized_mode_a_trains_float_params_only(tmp_path, prepared, capsys):
+    config = tiny_config(tmp_path / "run", prepared, quantization={"enabled": True, "load_in_8bit": True},
+                         training={"max_steps": 3, "epochs": 1})
+    assert run_cli(config, tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "falling back to AdamW" in printed and "int8" in printed
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["mode"].startswith("A:") and summary["routing"]["galore"]["tensors"] == 0
+    assert summary["routing"]["frozen"]["tensors"] == 2 * 7  # q k v o gate up down per layer
+
+
+# -------------------------------------------------------------------------------- distributed
+def test_two_process_ddp_equals_one_process(tmp_path, prepared):
+    """Global batch 8 as 2 ranks x 4 or 1 rank x 8; instruction records differ in target-token counts."""
+    single = tiny_config(tmp_path / "single", prepared, training={"micro_batch_size": 8, "max_steps": 4, "epochs": 1})
+    ddp = tiny_config(tmp_path / "ddp", prepared, training={"micro_batch_size": 4, "max_steps": 4, "epochs": 1})
+    done = run_subprocess(["-m", "galore_train", "--config", str(write_config(tmp_path / "single.yaml", single))])
+    assert done.returncode == 0, done.stderr
+    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), "-m", "galore_train", "--config",
+                           str(write_config(tmp_path / "ddp.yaml", ddp))])
+    assert done.returncode == 0, done.stderr
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=key)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_download_without_network_fails_fast_with_its_message(tmp_path):
+    started = time.time()
+    done = run_subprocess(["-m", "galore_train", "download", "Qwen/Qwen2-0.5B", "--to", str(tmp_path / "m")], timeout=120)
+    assert done.returncode == 2
+    assert "could not download 'Qwen/Qwen2-0.5B'" in done.stderr and "offline" in done.stderr
+    assert time.time() - started < 60

@@ -229,3 +229,41 @@ def test_download_without_network_fails_fast_with_its_message(tmp_path):
     assert done.returncode == 2
     assert "could not download 'Qwen/Qwen2-0.5B'" in done.stderr and "offline" in done.stderr
     assert time.time() - started < 60
+
+
+def test_local_model_folder_trains_through_from_pretrained(tmp_path, prepared):
+    """model.name_or_path = a folder saved with save_pretrained (model + tokenizer), loaded for real."""
+    import transformers
+
+    from galore_train.data import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    folder = tmp_path / "tiny-qwen2"
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=len(tokenizer), **TINY_ARCH))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = tiny_config(tmp_path / "run", prepared, model={"name_or_path": str(folder)},
+                         training={"max_steps": 4, "epochs": 1})
+    config["data"]["tokenizer"] = None  # the model folder's own tokenizer
+    assert run_cli(config, tmp_path) == 0
+    trained = final_weights(tmp_path / "run")
+    start = model.state_dict()
+    changed = [k for k in trained if k in start and not torch.equal(trained[k], start[k])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+def test_quantized_mode_a_resumes_bitwise(tmp_path, prepared):
+    """Mode A checkpoints hold the int8 model (save_pretrained) and reload into a freshly quantized one."""
+    import shutil
+
+    config = tiny_config(tmp_path / "run", prepared, quantization={"enabled": True, "load_in_8bit": True},
+                         training={"max_steps": 6, "epochs": 1, "save_every": 2})
+    assert run_cli(config, tmp_path) == 0
+    straight = final_weights(tmp_path / "run")
+    for step in (4, 6):  # back to the state after step 2
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step-{step}")
+    assert run_cli(config, tmp_path, "--resume") == 0
+    resumed = final_weights(tmp_path / "run")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

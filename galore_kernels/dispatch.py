@@ -11,13 +11,16 @@ signatures, so the optimizer's math never changes when a backend is added.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from . import reference
+from . import native, reference
+
+logger = logging.getLogger("galore_kernels")
 
 STEP_BACKENDS = ("auto", "reference", "triton")
 REFRESH_BACKENDS = ("auto", "reference", "native")
@@ -52,6 +55,8 @@ REFERENCE_STEP = StepBackend(
     project_back=reference.project_back_reference,
 )
 REFERENCE_REFRESH = RefreshBackend("reference", randomized_basis=reference.randomized_basis_reference)
+NATIVE_REFRESH = RefreshBackend("native", randomized_basis=native.randomized_basis_native)
+_fallbacks_logged: set = set()
 
 
 def requested_backend(kind: str, argument: str) -> str:
@@ -77,10 +82,25 @@ def step_backend(name: str, device: torch.device) -> StepBackend:
 
 
 def refresh_backend(name: str, device: torch.device) -> RefreshBackend:
-    """The randomized-refresh implementation for tensors on ``device`` under the requested ``name``."""
+    """The randomized-refresh implementation for tensors on ``device`` under the requested ``name``.
+
+    ``auto`` takes the native op when it is built for the device, else the reference, saying so in
+    one log line per process and reason.
+    """
+    if name == "reference":
+        return REFERENCE_REFRESH
+    reason = native.unavailable_reason(torch.device(device))
+    if reason is None:
+        return NATIVE_REFRESH
     if name == "native":
-        raise BackendUnavailableError(_native_unavailable_reason(device))
-    return REFERENCE_REFRESH  # "auto" and "reference"
+        raise BackendUnavailableError(
+            f"refresh_backend='native' was requested for tensors on {device}, but {reason}. Use "
+            f"refresh_backend='auto' or 'reference' (or unset {REFRESH_ENV})."
+        )
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        logger.warning("galore_kernels: randomized refresh runs on the PyTorch reference: %s", reason)
+    return REFERENCE_REFRESH
 
 
 def _triton_unavailable_reason(device: torch.device) -> str:
@@ -90,10 +110,3 @@ def _triton_unavailable_reason(device: torch.device) -> str:
         f"{STEP_ENV})."
     )
 
-
-def _native_unavailable_reason(device: Optional[torch.device]) -> str:
-    return (
-        f"refresh_backend='native' was requested for tensors on {device}, but the native refresh "
-        "extension (galore_kernels._C) is not part of this build. Use refresh_backend='auto' or "
-        f"'reference' (or unset {REFRESH_ENV})."
-    )

@@ -270,12 +270,27 @@ def test_optimizer_arguments_are_checked():
 # ------------------------------------------------------------------------------------- backends
 def test_unavailable_step_backend_fails_at_construction_with_reason(monkeypatch):
     monkeypatch.delenv("GALORE_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("GALORE_KERNELS_REFRESH_BACKEND", raising=False)
     with pytest.raises(BackendUnavailableError, match="backend='triton'.*auto"):
         GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="triton")
-    with pytest.raises(BackendUnavailableError, match="refresh_backend='native'"):
-        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], refresh_backend="native")
     with pytest.raises(ValueError, match="backend='cuda'"):
         GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="cuda")
+
+
+def test_missing_native_extension_is_named_when_forced_and_auto_falls_back(monkeypatch, caplog):
+    from galore_kernels import dispatch, native
+
+    monkeypatch.delenv("GALORE_KERNELS_REFRESH_BACKEND", raising=False)
+    monkeypatch.setitem(native._state, "reason", "the native extension is not built (test)")
+    monkeypatch.setattr(dispatch, "_fallbacks_logged", set())
+    with pytest.raises(BackendUnavailableError, match=r"refresh_backend='native'.*not built \(test\)"):
+        GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], refresh_backend="native")
+    with caplog.at_level("WARNING", logger="galore_kernels"):
+        for _ in range(2):
+            opt = GaLoreAdamW([{"params": [nn.Parameter(torch.randn(8, 12))], "rank": 2}])
+    assert [r.getMessage() for r in caplog.records].count(
+        "galore_kernels: randomized refresh runs on the PyTorch reference: the native extension is not built (test)") == 1
+    assert dispatch.refresh_backend(opt.refresh_backend, torch.device("cpu")).name == "reference"
 
 
 def test_environment_forces_the_backend_for_the_process(monkeypatch):
@@ -289,9 +304,11 @@ def test_environment_forces_the_backend_for_the_process(monkeypatch):
     with pytest.raises(ValueError, match="GALORE_KERNELS_BACKEND='fast'"):
         GaLoreAdamW([nn.Parameter(torch.randn(4, 4))])
     monkeypatch.delenv("GALORE_KERNELS_BACKEND")
-    monkeypatch.setenv("GALORE_KERNELS_REFRESH_BACKEND", "native")
-    with pytest.raises(BackendUnavailableError, match="native"):
+    monkeypatch.setenv("GALORE_KERNELS_REFRESH_BACKEND", "sideways")
+    with pytest.raises(ValueError, match="GALORE_KERNELS_REFRESH_BACKEND='sideways'"):
         GaLoreAdamW([nn.Parameter(torch.randn(4, 4))])
+    monkeypatch.setenv("GALORE_KERNELS_REFRESH_BACKEND", "reference")
+    assert GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], refresh_backend="native").refresh_backend == "reference"
 
 
 def test_randomized_basis_signs_are_canonical_and_stable_under_rounding_noise():

@@ -92,6 +92,7 @@ class Trainer:
         self.tracker = MemoryTracker(device)
         self.state = TrainerState()
         self.metrics: Optional[MetricsLog] = None
+        self.tensors_recorded = False  # optimizer state exists only after the first step
 
     # ------------------------------------------------------------------------- set-up
     def setup(self, resume: Optional[str]) -> Optional[Path]:
@@ -269,8 +270,8 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
 
     def _record_tensors_once(self) -> None:
-        if not getattr(self, "_tensors_recorded", False):
-            self._tensors_recorded = True
+        if not self.tensors_recorded:
+            self.tensors_recorded = True
             target = self.bundle.layerwise if self.bundle.layerwise is not None else self.bundle.optimizer
             self.tracker.record_tensors(self.model, target)
             if self.info.is_main:

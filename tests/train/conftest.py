@@ -9,11 +9,19 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+import torch
+
 from galore_train.cli import main as cli_main
+from galore_train.config import config_from_dict
 from galore_train.data import prepare_default_data
 
 TINY_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True}
+# Module-level tests (routing, preflight) build the embedded default at this size with a 64-token vocabulary.
+ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+VOCAB = 64
+CPU = torch.device("cpu")
 DATA_SIZES = {"default_train_examples": 96, "default_eval_examples": 16, "default_vocab_size": 384}
 
 
@@ -23,6 +31,20 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     return prepare_default_data(root / "data", seed=0, n_train=DATA_SIZES["default_train_examples"],
                                 n_eval=DATA_SIZES["default_eval_examples"], vocab_size=DATA_SIZES["default_vocab_size"])
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` merged into ``base`` section by section (nested dicts merge, other values replace)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def make_config(**sections):
+    return config_from_dict(merge({"model": {"architecture": dict(ARCH)}, "optimizer": {"rank": 8}}, sections))
 
 
 def tiny_config(out: Path, prepared, **sections) -> dict:
@@ -37,12 +59,7 @@ def tiny_config(out: Path, prepared, **sections) -> dict:
                      "keep_last": 10, "max_grad_norm": None},
         "optimizer": {"type": "galore", "rank": 4, "update_proj_gap": 3},
     }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            config.setdefault(section, {}).update(values)
-        else:
-            config[section] = values
-    return config
+    return merge(config, sections)
 
 
 def write_config(path: Path, config: dict) -> Path:

@@ -6,30 +6,12 @@ import sys
 
 import pytest
 import torch
-
 from galore_train import preflight
-from galore_train.config import config_from_dict
 from galore_train.modeling import ModelLoadError, build_model, resolve_device
 from galore_train.preflight import PreflightError
 from galore_train.routing import route_parameters
 
-ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-VOCAB = 64
-CPU = torch.device("cpu")
-
-
-def merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def make_config(**sections):
-    return config_from_dict(merge({"model": {"architecture": dict(ARCH)}, "optimizer": {"rank": 8}}, sections))
+from .conftest import CPU, VOCAB, make_config
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
-
-from galore_train.config import config_from_dict
 from galore_train.modeling import build_model, is_quantized_module
 from galore_train.routing import RoutingError, RoutingTable, route_parameters
 
-ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-VOCAB = 64
+from .conftest import CPU, VOCAB, make_config
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CPU = torch.device("cpu")
-
-
-def merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def make_config(**sections):
-    return config_from_dict(merge({"model": {"architecture": dict(ARCH)}, "optimizer": {"rank": 8}}, sections))
 
 
 def tiny(**sections):

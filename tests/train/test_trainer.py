@@ -1,6 +1,5 @@
 """The trainer end to end: outputs, exact accumulation, resume after a real kill, preflight, DDP, download."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import warnings
 import pytest
 import torch
 
-from galore_train.cli import main as cli_main
 
 from .conftest import (
     DATA_SIZES,

@@ -120,18 +120,10 @@ class GaLoreAdamW(Optimizer):
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor) -> bool:
         """One update of ``p`` from its full gradient; False when a non-finite gradient skipped it."""
-        side = self.prepare(p, grad)
-        if side is False:
+        if self.prepare(p, grad) is False:
             return False
-        index, group, _ = self.param_info(p)
-        state = self.state[p]
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        self._step_backend(p).step(
-            p, grad, state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"), state.get("proj_right"),
-            side=side, step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], scale=group.get("scale", 1.0), correct_bias=group["correct_bias"],
-        )
+        tensors, scalars = self._advance(p)
+        self._step_backend(p).step(p, grad, *tensors, **scalars)
         return True
 
     # Layer-wise mode drives a step in pieces: prepare (checks, refresh), project, update_from_lowrank.
@@ -166,16 +158,20 @@ class GaLoreAdamW(Optimizer):
     @torch.no_grad()
     def update_from_lowrank(self, p: Tensor, lowrank_grad: Tensor) -> None:
         """Adam on an already projected gradient, back-projection and apply (after ``prepare``)."""
+        tensors, scalars = self._advance(p)
+        self._step_backend(p).update(p, lowrank_grad, *tensors, **scalars)
+
+    def _advance(self, p: Tensor) -> tuple[tuple, dict]:
+        """Counts the step and returns the backend's state tensors and per-step scalars."""
         _, group, _ = self.param_info(p)
         state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        self._step_backend(p).update(
-            p, lowrank_grad, state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"),
-            state.get("proj_right"), side=self.side(p), step=state["step"], lr=group["lr"], beta1=beta1,
-            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group.get("scale", 1.0),
-            correct_bias=group["correct_bias"],
-        )
+        tensors = (state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"), state.get("proj_right"))
+        scalars = dict(side=self.side(p), step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                       eps=group["eps"], weight_decay=group["weight_decay"], scale=group.get("scale", 1.0),
+                       correct_bias=group["correct_bias"])
+        return tensors, scalars
 
     def side(self, p: Tensor):
         _, group, _ = self.param_info(p)

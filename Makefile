@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q
 
-.PHONY: install test train clean
+.PHONY: install test train bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ ARGS ?=
 train: install
 	$(BIN)/galore-train --config $(CONFIG) --prepare-data
 	$(BIN)/galore-train --config $(CONFIG) $(ARGS)
+
+# Benchmarks (pytest-benchmark): timings are machine-specific; see benchmarks/RESULTS.md.
+bench: install
+	$(BIN)/python -m pytest benchmarks/bench_refresh.py --benchmark-only -s \
+		--benchmark-columns=min,median,max --benchmark-sort=name
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,67 @@
+"""Refresh benchmark: time and captured energy of one top-r subspace refresh.
+
+    make bench                                   # or: pytest benchmarks/bench_refresh.py --benchmark-only
+
+Methods, side by side in one run: the native op, the PyTorch reference (same algorithm),
+``torch.svd_lowrank`` (q = r + 8, and q = our sketch width for equal work) and ``torch.linalg.svd``
+(what galore-torch calls). Matrices have singular values spaced logarithmically from 1 to 1e-4 (the
+anchor's spectrum). Energy = ||P^T G||_F^2 / sum of the top-r sigma^2; it is stored in each
+benchmark's ``extra_info`` and printed. On CPU the 2048x2048 rank-128 case runs; on a GPU the anchor
+shapes (``../shared/anchors/h200-2026-11-28.md``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galore_kernels import top_subspace
+from galore_kernels.subspace import default_oversample
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHAPES = [(2048, 2048, 128)] if DEVICE.type == "cpu" else [(4096, 4096, 128), (4096, 4096, 512), (4096, 11008, 512)]
+METHODS = ["native", "reference", "svd_lowrank_q=r+8", "svd_lowrank_equal_width", "linalg.svd"]
+_cache: dict = {}
+
+
+def spectrum_matrix(m: int, n: int):
+    if (m, n) not in _cache:
+        gen = torch.Generator().manual_seed(0)
+        k = min(m, n)
+        U = torch.linalg.qr(torch.randn(m, k, generator=gen))[0]
+        V = torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
+        s = torch.logspace(0, -4, k)
+        _cache[(m, n)] = (((U * s) @ V.T).to(DEVICE), s.double())
+    return _cache[(m, n)]
+
+
+def refresh_fn(method: str, G: torch.Tensor, r: int):
+    if method in ("native", "reference"):
+        return lambda: top_subspace(G, r, generator=torch.Generator(device=G.device).manual_seed(0), refresh_backend=method)
+    if method.startswith("svd_lowrank"):
+        q = r + 8 if method.endswith("r+8") else r + default_oversample(r)
+        return lambda: torch.svd_lowrank(G, q=q, niter=2)[0][:, :r]
+    return lambda: torch.linalg.svd(G, full_matrices=False)[0][:, :r]
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("m, n, r", SHAPES, ids=[f"{m}x{n}_r{r}" for m, n, r in SHAPES])
+def test_refresh(benchmark, method, m, n, r):
+    G, s = spectrum_matrix(m, n)
+    fn = refresh_fn(method, G, r)
+
+    def run():
+        out = fn()
+        sync()
+        return out
+
+    rounds = 2 if method == "linalg.svd" else 5
+    P = benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+    energy = float(((P.double().T @ G.double()) ** 2).sum() / (s[:r] ** 2).sum())
+    benchmark.extra_info.update(energy=round(energy, 5), device=str(DEVICE))
+    print(f"\n{method:26s} {m}x{n} r{r}: energy {energy:.4f}")
+    assert energy > 0.9 or method == "svd_lowrank_q=r+8"

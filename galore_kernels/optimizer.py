@@ -39,7 +39,11 @@ GALORE_GROUP_DEFAULTS = {
     "oversample": None,
     "niter": None,
     "refresh_offset": 0,  # int phase, or "stagger" to spread the group's refreshes over the gap
+    "refresh_policy": "fixed",  # or "adaptive": the gap follows how far the subspace moved
+    "max_proj_gap": None,  # adaptive only: the longest gap; None = 8 * update_proj_gap
+    "adaptive_overlap": 0.9,  # adaptive only: subspace overlap at or above which the gap doubles
 }
+REFRESH_POLICIES = ("fixed", "adaptive")
 # Float32 state tensors that load_state_dict must not cast to the parameter's dtype.
 FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
 
@@ -178,12 +182,15 @@ class GaLoreAdamW(Optimizer):
         return projection_side(tuple(p.shape), group["proj_type"]) if "rank" in group else None
 
     def refresh_due(self, p: Tensor) -> bool:
-        """Whether the next step of ``p`` refreshes its basis: at its first step, then whenever
-        (step + phase) is a multiple of update_proj_gap (phase 0 is galore-torch's schedule)."""
+        """Whether the next step of ``p`` refreshes its basis: at its first step, then (fixed policy)
+        whenever (step + phase) is a multiple of update_proj_gap (phase 0 is galore-torch's schedule),
+        or (adaptive policy) once the parameter's current gap has passed."""
         _, group, position = self.param_info(p)
         state = self.state.get(p, {})
         if "proj_left" not in state and "proj_right" not in state:
             return True
+        if group["refresh_policy"] == "adaptive":
+            return state["step"] >= state["next_refresh"]
         return (state["step"] + refresh_phase(group, position)) % group["update_proj_gap"] == 0
 
     def check_finite(self, p: Tensor, grad: Tensor) -> bool:
@@ -229,10 +236,29 @@ class GaLoreAdamW(Optimizer):
             niter=group["niter"], generator=generator,
             backend=dispatch.refresh_backend(self.refresh_backend, grad.device),
         )
-        for key, basis in (("proj_left", left), ("proj_right", right)):
-            if basis is not None:
-                state[key] = basis.float()
+        new = {key: basis.float() for key, basis in (("proj_left", left), ("proj_right", right)) if basis is not None}
+        if group["refresh_policy"] == "adaptive":
+            self._adapt_gap(group, state, new, self.param_info(p)[2])
+        state.update(new)
         state["refresh_count"] += 1
+
+    def _adapt_gap(self, group: dict, state: dict, new: dict, position: int) -> None:
+        """Adaptive policy: double the gap while the refreshed subspace overlaps the old one by at
+        least ``adaptive_overlap`` (||P_old^T P_new||_F^2 / r), halve it (down to update_proj_gap)
+        when it moved more. The whole subspace is compared, not just its first vector, and the gap
+        can shrink again when training changes phase."""
+        base = group["update_proj_gap"]
+        longest = group["max_proj_gap"] or 8 * base
+        if "proj_gap" not in state:  # first refresh: start at the base gap, shifted by the phase
+            state["proj_gap"] = base
+            state["next_refresh"] = state["step"] + base - refresh_phase(group, position)
+            return
+        overlap = subspace_overlap(state, new)
+        gap = state["proj_gap"]
+        gap = min(2 * gap, longest) if overlap >= group["adaptive_overlap"] else max(gap // 2, base)
+        state["proj_gap"] = gap
+        state["last_overlap"] = overlap
+        state["next_refresh"] = state["step"] + gap
 
     # --------------------------------------------------------------------------- state dicts
     def load_state_dict(self, state_dict: dict) -> None:
@@ -252,6 +278,17 @@ class GaLoreAdamW(Optimizer):
 def lowrank_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
     m, n = shape
     return {"left": (rank, n), "right": (m, rank), "full": (rank, rank)}[side]
+
+
+def subspace_overlap(old: dict, new: dict) -> float:
+    """Mean over the projected sides of ||B_old^T B_new||_F^2 / r: 1 for the same subspace, about
+    r / dim for unrelated ones."""
+    overlaps = []
+    if "proj_left" in new:  # (m, r) columns
+        overlaps.append((old["proj_left"].T @ new["proj_left"]).square().sum() / new["proj_left"].shape[1])
+    if "proj_right" in new:  # (r, n) rows
+        overlaps.append((old["proj_right"] @ new["proj_right"].T).square().sum() / new["proj_right"].shape[0])
+    return float(sum(overlaps) / len(overlaps))
 
 
 def refresh_phase(group: dict, position: int) -> int:
@@ -282,6 +319,13 @@ def _complete_galore_group(group: dict, group_index: int) -> None:
         value = group[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{where}: {key}={value!r} must be None (the default) or an integer >= 0.")
+    if group["refresh_policy"] not in REFRESH_POLICIES:
+        raise ValueError(f"{where}: refresh_policy={group['refresh_policy']!r} must be one of {', '.join(REFRESH_POLICIES)}.")
+    longest = group["max_proj_gap"]
+    if longest is not None and (isinstance(longest, bool) or not isinstance(longest, int) or longest < gap):
+        raise ValueError(f"{where}: max_proj_gap={longest!r} must be None or an integer >= update_proj_gap ({gap}).")
+    if not 0.0 < group["adaptive_overlap"] <= 1.0:
+        raise ValueError(f"{where}: adaptive_overlap={group['adaptive_overlap']!r} must be in (0, 1].")
     offset = group["refresh_offset"]
     if offset != "stagger" and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
         raise ValueError(f"{where}: refresh_offset={offset!r} must be an integer >= 0 or 'stagger'.")

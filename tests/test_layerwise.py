@@ -16,10 +16,11 @@ def make_model(seed=0):
     return nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 33), nn.GELU(), nn.Linear(33, 5))
 
 
-def groups(model, offset=0):
+def groups(model, offset=0, policy="fixed"):
     linears = [m for m in model if isinstance(m, nn.Linear)]
     return [
-        {"params": [m.weight for m in linears], "rank": 4, "update_proj_gap": 3, "refresh_offset": offset},
+        {"params": [m.weight for m in linears], "rank": 4, "update_proj_gap": 3, "refresh_offset": offset,
+         "refresh_policy": policy, "max_proj_gap": 12},
         {"params": [m.bias for m in linears]},
     ]
 
@@ -33,9 +34,9 @@ def loss_fn(model, x, y, accumulation):
     return ((model(x) - y) ** 2).mean() / accumulation
 
 
-def run_standard(data, accumulation, offset=0, lr_lambda=LR_LAMBDA):
+def run_standard(data, accumulation, offset=0, lr_lambda=LR_LAMBDA, policy="fixed"):
     model = make_model()
-    opt = GaLoreAdamW(groups(model, offset), lr=1e-2, weight_decay=0.01, seed=3)
+    opt = GaLoreAdamW(groups(model, offset, policy), lr=1e-2, weight_decay=0.01, seed=3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     for i, (x, y) in enumerate(data):
         loss_fn(model, x, y, accumulation).backward()
@@ -46,9 +47,9 @@ def run_standard(data, accumulation, offset=0, lr_lambda=LR_LAMBDA):
     return model, opt
 
 
-def run_layerwise(data, accumulation, offset=0, lr_lambda=LR_LAMBDA, **kw):
+def run_layerwise(data, accumulation, offset=0, lr_lambda=LR_LAMBDA, policy="fixed", **kw):
     model = make_model()
-    handle = attach_layerwise(model, groups(model, offset), lr=1e-2, weight_decay=0.01, seed=3,
+    handle = attach_layerwise(model, groups(model, offset, policy), lr=1e-2, weight_decay=0.01, seed=3,
                               grad_accumulation_steps=accumulation, lr_lambda=lr_lambda, **kw)
     for x, y in data:
         loss_fn(model, x, y, accumulation).backward()
@@ -56,13 +57,14 @@ def run_layerwise(data, accumulation, offset=0, lr_lambda=LR_LAMBDA, **kw):
     return model, handle
 
 
-@pytest.mark.parametrize("offset", [0, "stagger"])
+@pytest.mark.parametrize("offset, policy", [(0, "fixed"), ("stagger", "fixed"), ("stagger", "adaptive")])
 @pytest.mark.parametrize("accumulation", [1, 4])
-def test_layerwise_matches_standard_optimizer(accumulation, offset):
-    """11 windows of gap-3 refreshes, a changing schedule and a short tail window (for A=4)."""
+def test_layerwise_matches_standard_optimizer(accumulation, offset, policy):
+    """11 windows of gap-3 refreshes (or adaptive gaps), a changing schedule and a short tail window
+    (for A=4)."""
     data = batches(accumulation * 10 + (3 if accumulation > 1 else 1))
-    std_model, std_opt = run_standard(data, accumulation, offset)
-    lw_model, handle = run_layerwise(data, accumulation, offset)
+    std_model, std_opt = run_standard(data, accumulation, offset, policy=policy)
+    lw_model, handle = run_layerwise(data, accumulation, offset, policy=policy)
     assert handle.step_count == 11
     for (name, a), b in zip(std_model.named_parameters(), lw_model.parameters()):
         # Summation order differs (per-micro-batch projections vs projection of the sum): float32 noise.
@@ -70,6 +72,7 @@ def test_layerwise_matches_standard_optimizer(accumulation, offset):
         sa, sb = std_opt.state[a], handle.optimizer.state[b]
         assert sa["step"] == sb["step"] == 11
         assert sa.get("refresh_count") == sb.get("refresh_count")
+        assert sa.get("proj_gap") == sb.get("proj_gap")
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-4, atol=1e-9)
     lr_now = handle.optimizer.param_groups[0]["lr"]
     assert lr_now == pytest.approx(1e-2 * LR_LAMBDA(11))

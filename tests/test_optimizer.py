@@ -39,23 +39,24 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_roundtrip_continues_bit_for_bit(dtype):
+def test_state_dict_roundtrip_continues_bit_for_bit(dtype, policy):
     """Resume mid-run from a weights_only checkpoint, in a fresh model and optimizer: the run continues
     exactly as the uninterrupted one (randomized refresh at steps 0, 3, 6, ... crosses the resume)."""
     data = batches(10, dtype)
     ref_model = make_model(dtype)
-    ref_opt = GaLoreAdamW(galore_groups(ref_model), lr=1e-2, weight_decay=0.05, seed=7)
+    ref_opt = GaLoreAdamW(galore_groups(ref_model, refresh_policy=policy), lr=1e-2, weight_decay=0.05, seed=7)
     train(ref_model, ref_opt, data)
 
     model = make_model(dtype)
-    opt = GaLoreAdamW(galore_groups(model), lr=1e-2, weight_decay=0.05, seed=7)
+    opt = GaLoreAdamW(galore_groups(model, refresh_policy=policy), lr=1e-2, weight_decay=0.05, seed=7)
     train(model, opt, data[:4])
     checkpoint = roundtrip({"model": model.state_dict(), "optim": opt.state_dict()})
 
     resumed = make_model(dtype, seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = GaLoreAdamW(galore_groups(resumed), lr=1e-2, weight_decay=0.05, seed=7)
+    resumed_opt = GaLoreAdamW(galore_groups(resumed, refresh_policy=policy), lr=1e-2, weight_decay=0.05, seed=7)
     resumed_opt.load_state_dict(checkpoint["optim"])
     for p in resumed.parameters():
         state = resumed_opt.state[p]
@@ -327,3 +328,47 @@ def test_randomized_basis_signs_are_canonical_and_stable_under_rounding_noise():
             peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
             assert (peak > 0).all()
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def adaptive_refresh_steps(gradient, steps=40, **group):
+    w = nn.Parameter(torch.zeros(40, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 2, "refresh_policy": "adaptive",
+                        "max_proj_gap": 16, **group}], lr=1e-3)
+    refreshed = []
+    for t in range(steps):
+        w.grad = gradient(t)
+        if opt.refresh_due(w):
+            refreshed.append(t)
+        opt.step()
+    return refreshed, opt.state[w]
+
+
+def test_adaptive_policy_lengthens_the_gap_of_a_stable_subspace():
+    gen = torch.Generator().manual_seed(0)
+    U, V = torch.linalg.qr(torch.randn(40, 4, generator=gen))[0], torch.linalg.qr(torch.randn(24, 4, generator=gen))[0]
+
+    def stable(t):  # same top-4 subspace every step, changing weights and a little noise
+        return U @ torch.diag(torch.rand(4, generator=gen) + 1.0) @ V.T + 1e-3 * torch.randn(40, 24, generator=gen)
+
+    refreshed, state = adaptive_refresh_steps(stable)
+    assert refreshed == [0, 2, 6, 14, 30]  # gaps 2, 4, 8, 16, 16 (capped by max_proj_gap)
+    assert state["proj_gap"] == 16 and state["last_overlap"] > 0.99
+
+
+def test_adaptive_policy_keeps_refreshing_a_moving_subspace_at_the_base_gap():
+    gen = torch.Generator().manual_seed(1)
+    refreshed, state = adaptive_refresh_steps(lambda t: torch.randn(40, 24, generator=gen), steps=12)
+    assert refreshed == [0, 2, 4, 6, 8, 10]
+    assert state["proj_gap"] == 2 and state["last_overlap"] < 0.9
+
+
+def test_adaptive_policy_settings_are_checked():
+    w = [nn.Parameter(torch.randn(8, 8))]
+    cases = [
+        ({"refresh_policy": "sometimes"}, "refresh_policy"),
+        ({"refresh_policy": "adaptive", "update_proj_gap": 4, "max_proj_gap": 1}, "max_proj_gap"),
+        ({"refresh_policy": "adaptive", "adaptive_overlap": 0.0}, "adaptive_overlap"),
+    ]
+    for group, key in cases:
+        with pytest.raises(ValueError, match=key):
+            GaLoreAdamW([{"params": w, "rank": 2, **group}])

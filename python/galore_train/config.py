@@ -18,6 +18,7 @@ OPTIMIZER_TYPES = ("galore", "galore_layerwise", "adamw", "adamw8bit")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SVD_METHODS = ("randomized", "exact")
+REFRESH_POLICIES = ("fixed", "adaptive")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
@@ -95,6 +96,8 @@ class OptimizerConfig:
     oversample: Optional[int] = None
     niter: Optional[int] = None
     refresh_offset: Union[int, str] = 0
+    refresh_policy: str = "fixed"  # fixed | adaptive (the gap doubles while the subspace holds still)
+    max_proj_gap: Optional[int] = None  # adaptive: longest gap; null = 8 * update_proj_gap
 
 
 @dataclass
@@ -253,6 +256,9 @@ def validate(config: Config, source: str) -> None:
     choice(o.type, "optimizer.type", OPTIMIZER_TYPES)
     choice(o.svd, "optimizer.svd", SVD_METHODS)
     choice(o.proj_type, "optimizer.proj_type", PROJ_TYPES)
+    choice(o.refresh_policy, "optimizer.refresh_policy", REFRESH_POLICIES)
+    need(o.max_proj_gap is None or o.max_proj_gap >= o.update_proj_gap, "optimizer.max_proj_gap",
+         f"= {o.max_proj_gap} must be null or >= optimizer.update_proj_gap = {o.update_proj_gap}")
     choice(t.precision, "training.precision", PRECISIONS)
     choice(t.lr_scheduler, "training.lr_scheduler", LR_SCHEDULERS)
     need(o.rank >= 1, "optimizer.rank", f"= {o.rank} must be >= 1")

@@ -77,7 +77,7 @@ def build_optimizer(model: torch.nn.Module, routing: RoutingTable, config: Confi
         groups.append({
             "params": galore, "rank": o.rank, "update_proj_gap": o.update_proj_gap, "scale": o.scale,
             "proj_type": o.proj_type, "svd": o.svd, "oversample": o.oversample, "niter": o.niter,
-            "refresh_offset": o.refresh_offset,
+            "refresh_offset": o.refresh_offset, "refresh_policy": o.refresh_policy, "max_proj_gap": o.max_proj_gap,
         })
     if plain:
         groups.append({"params": plain})

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from . import dispatch
 from .projection import check_proj_type, check_rank, effective_rank, projection_side
-from .subspace import METHODS, projection_bases, refresh_generator
+from .subspace import METHODS, projection_bases, randomized_bases_batched, refresh_generator
 
 # Param-group keys of a GaLore group and their defaults (galore-torch's, plus our refresh settings).
 GALORE_GROUP_DEFAULTS = {
@@ -44,6 +44,8 @@ GALORE_GROUP_DEFAULTS = {
     "adaptive_overlap": 0.9,  # adaptive only: subspace overlap at or above which the gap doubles
 }
 REFRESH_POLICIES = ("fixed", "adaptive")
+# A batched refresh stacks the gradients of same-shape parameters; this bounds the stacked copy.
+BATCHED_REFRESH_BYTES = 256 * 2**20
 # Float32 state tensors that load_state_dict must not cast to the parameter's dtype.
 FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
 
@@ -74,6 +76,7 @@ class GaLoreAdamW(Optimizer):
         self.backend = dispatch.requested_backend("step", backend)
         self.refresh_backend = dispatch.requested_backend("refresh", refresh_backend)
         self._param_info: Optional[dict[int, tuple[int, dict, int]]] = None
+        self._refreshed_this_step: set[int] = set()  # ids refreshed by a batched call in step()
         self._warned_nonfinite: set[int] = set()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
         super().__init__(params, defaults)
@@ -115,10 +118,14 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, p.grad)
+        try:
+            for group in self.param_groups:
+                self._refresh_batched(group)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.step_param(p, p.grad)
+        finally:
+            self._refreshed_this_step.clear()
         return loss
 
     @torch.no_grad()
@@ -147,7 +154,7 @@ class GaLoreAdamW(Optimizer):
             return False
         state = self._init_state(p, group)
         side = self.side(p)
-        if side is not None and self.refresh_due(p):
+        if side is not None and id(p) not in self._refreshed_this_step and self.refresh_due(p):
             self._refresh(p, grad, group, state, index, side)
         return side
 
@@ -236,11 +243,52 @@ class GaLoreAdamW(Optimizer):
             niter=group["niter"], generator=generator,
             backend=dispatch.refresh_backend(self.refresh_backend, grad.device),
         )
-        new = {key: basis.float() for key, basis in (("proj_left", left), ("proj_right", right)) if basis is not None}
+        self._store_bases(p, group, state, {"proj_left": left, "proj_right": right})
+
+    def _store_bases(self, p: Tensor, group: dict, state: dict, bases: dict) -> None:
+        new = {key: basis.float() for key, basis in bases.items() if basis is not None}
         if group["refresh_policy"] == "adaptive":
             self._adapt_gap(group, state, new, self.param_info(p)[2])
         state.update(new)
         state["refresh_count"] += 1
+
+    def _refresh_batched(self, group: dict) -> None:
+        """Refreshes the group's same-shape parameters that are due, one backend call per shape.
+
+        Only randomized one-sided refreshes are batched; each matrix keeps its own seeded sketch, so
+        the bases equal the per-parameter ones (what layer-wise mode computes). A single parameter
+        of a shape, and anything not batchable, is left to :meth:`prepare`.
+        """
+        if "rank" not in group or group["svd"] != "randomized":
+            return
+        buckets: dict[tuple, list[Tensor]] = {}
+        for p in group["params"]:
+            grad, side = p.grad, self.side(p)
+            if grad is None or grad.is_sparse or side == "full" or not self.refresh_due(p):
+                continue
+            if not self.check_finite(p, grad):
+                continue
+            key = (tuple(p.shape), side, grad.dtype, grad.device)
+            buckets.setdefault(key, []).append(p)
+        for (shape, side, dtype, device), params in buckets.items():
+            per_chunk = max(1, BATCHED_REFRESH_BYTES // (params[0].grad.numel() * 4))
+            for start in range(0, len(params), per_chunk):
+                chunk = params[start:start + per_chunk]
+                if len(chunk) > 1:
+                    self._refresh_chunk(chunk, group, side, device)
+
+    def _refresh_chunk(self, params: list[Tensor], group: dict, side: str, device: torch.device) -> None:
+        states = [self._init_state(p, group) for p in params]
+        generators = [refresh_generator(group["seed"], self.param_info(p)[0], state["refresh_count"], device)
+                      for p, state in zip(params, states)]
+        bases = randomized_bases_batched(
+            [p.grad for p in params], _rank(group, params[0]), side, group["oversample"], group["niter"],
+            generators, dispatch.refresh_backend(self.refresh_backend, device),
+        )
+        key = "proj_left" if side == "left" else "proj_right"
+        for p, state, basis in zip(params, states, bases):
+            self._store_bases(p, group, state, {key: basis})
+            self._refreshed_this_step.add(id(p))
 
     def _adapt_gap(self, group: dict, state: dict, new: dict, position: int) -> None:
         """Adaptive policy: double the gap while the refreshed subspace overlaps the old one by at

@@ -85,6 +85,26 @@ def randomized_basis(
     return P if side == "left" else P.mT.contiguous()
 
 
+def randomized_bases_batched(
+    grads: list[Tensor],  # same shape (m, n) each
+    rank: int,
+    side: str,  # "left" | "right"
+    oversample: Optional[int],
+    niter: Optional[int],
+    generators: list[torch.Generator],
+    backend: "dispatch.RefreshBackend",
+) -> list[Tensor]:  # per gradient: left (m, rank), right (rank, n)
+    """:func:`randomized_basis` of several same-shape gradients in one backend call.
+
+    Each matrix keeps its own generator, so every basis equals the one its own call would give.
+    """
+    niter = default_niter(rank) if niter is None else niter
+    A = torch.stack([g if side == "left" else g.mT for g in grads])
+    omega = torch.stack([gaussian_sketch(a, rank, oversample, gen) for a, gen in zip(A, generators)])
+    P = canonical_signs(backend.randomized_basis(A, omega, rank, niter))
+    return [b if side == "left" else b.mT.contiguous() for b in P.unbind(0)]
+
+
 def canonical_signs(P: Tensor) -> Tensor:  # (..., m, r) -> same, each column's largest entry positive
     """Fixes each basis vector's arbitrary sign: its entry of largest magnitude is made positive.
 

@@ -372,3 +372,31 @@ def test_adaptive_policy_settings_are_checked():
     for group, key in cases:
         with pytest.raises(ValueError, match=key):
             GaLoreAdamW([{"params": w, "rank": 2, **group}])
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_batched_refresh_of_same_shape_weights_equals_per_parameter_refresh(shape, monkeypatch):
+    """step() refreshes same-shape weights in one backend call; each keeps its own seeded sketch, so
+    the result is what stepping each parameter alone (layer-wise mode's path) gives."""
+    import galore_kernels.optimizer as optimizer_module
+
+    calls = []
+    real = optimizer_module.randomized_bases_batched
+    monkeypatch.setattr(optimizer_module, "randomized_bases_batched", lambda grads, *a: calls.append(len(grads)) or real(grads, *a))
+    torch.manual_seed(0)
+    start = [torch.randn(shape) for _ in range(3)]
+    batched = [nn.Parameter(w.clone()) for w in start]
+    single = [nn.Parameter(w.clone()) for w in start]
+    groups = lambda ps: [{"params": ps, "rank": 4, "update_proj_gap": 3}]  # noqa: E731
+    opt_batched, opt_single = GaLoreAdamW(groups(batched), lr=1e-2), GaLoreAdamW(groups(single), lr=1e-2)
+    for _ in range(7):
+        grads = [torch.randn(shape) for _ in range(3)]
+        for p, q, g in zip(batched, single, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_batched.step()
+        for q in single:
+            opt_single.step_param(q, q.grad)
+    assert calls == [3, 3, 3]  # steps 0, 3, 6
+    for p, q in zip(batched, single):
+        assert torch.equal(p, q)  # the same kernels per matrix: bitwise on the CPU
+        torch.testing.assert_close(opt_batched.state[p]["exp_avg"], opt_single.state[q]["exp_avg"], rtol=1e-5, atol=1e-8)

@@ -82,7 +82,7 @@ class LayerwiseHandle:
         self.micro_step = 0  # backward passes completed in the current window
         self._lowrank_acc: dict[Tensor, Tensor] = {}  # param -> float32 sum of P^T G_i this window
         self._full_pending: dict[Tensor, None] = {}  # params whose window gradient sums in .grad
-        self._callback_queued = False
+        self._queued_for_task: Optional[int] = None  # the backward pass whose end we wait for
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_grad)
             for group in opt.param_groups
@@ -93,8 +93,11 @@ class LayerwiseHandle:
     # ------------------------------------------------------------------------------- hooks
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
-        if not self._callback_queued:
-            self._callback_queued = True
+        task = torch._C._current_graph_task_id()
+        if task != self._queued_for_task:
+            # Keyed by the backward pass, so a pass that raised (its callback never ran) cannot stop
+            # the next one from being counted.
+            self._queued_for_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
         last = self.micro_step == self.accumulation - 1
         opt = self.optimizer
@@ -118,7 +121,7 @@ class LayerwiseHandle:
             self._step_lowrank(p)
 
     def _on_backward_end(self) -> None:
-        self._callback_queued = False
+        self._queued_for_task: Optional[int] = None  # the backward pass whose end we wait for
         self.micro_step += 1
         if self.micro_step == self.accumulation:
             self._end_window()

@@ -19,6 +19,7 @@ Differences from galore-torch, each on purpose:
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -351,12 +352,24 @@ def _rank(group: dict, p: Tensor) -> int:
     return min(group["rank"], min(p.shape))
 
 
+def _as_int(value):
+    """NumPy/torch integers as Python ints (checkpoints must load with weights_only=True)."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value  # not an integer: the checks below name it
+
+
 def _complete_galore_group(group: dict, group_index: int) -> None:
     """Fills a GaLore group's defaults and rejects settings that would give a wrong update."""
     where = f"param group {group_index}"
-    check_rank(group["rank"], f"{where}: rank")
+    group["rank"] = check_rank(group["rank"], f"{where}: rank")
     for key, default in GALORE_GROUP_DEFAULTS.items():
         group.setdefault(key, default)
+    for key in ("update_proj_gap", "max_proj_gap", "oversample", "niter"):
+        group[key] = _as_int(group[key])
     check_proj_type(group["proj_type"], f"{where}: proj_type")
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:

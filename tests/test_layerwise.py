@@ -200,3 +200,23 @@ def test_fp16_loss_scaling_and_bad_arguments_are_refused():
         attach_layerwise(model, groups(model), optimizer="adafactor")
     with pytest.raises(ValueError, match="max_grad_norm"):
         attach_layerwise(model, groups(model), max_grad_norm=0.0)
+
+
+def test_a_backward_pass_that_raises_does_not_stop_window_accounting():
+    """A caller may catch an exception from backward (e.g. out of memory) and go on; the next
+    backward passes must still end their windows."""
+    model = make_model()
+    handle = attach_layerwise(model, groups(model), lr=1e-2, grad_accumulation_steps=2)
+    x, y = batches(1)[0]
+
+    def fail(grad):
+        raise RuntimeError("simulated failure inside backward")
+
+    hook = model[0].weight.register_hook(fail)  # runs after later layers' post-accumulate hooks
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        loss_fn(model, x, y, 2).backward()
+    hook.remove()
+    model.zero_grad(set_to_none=True)
+    for _ in range(4):
+        loss_fn(model, x, y, 2).backward()
+    assert handle.step_count == 2

@@ -400,3 +400,14 @@ def test_batched_refresh_of_same_shape_weights_equals_per_parameter_refresh(shap
     for p, q in zip(batched, single):
         assert torch.equal(p, q)  # the same kernels per matrix: bitwise on the CPU
         torch.testing.assert_close(opt_batched.state[p]["exp_avg"], opt_single.state[q]["exp_avg"], rtol=1e-5, atol=1e-8)
+
+
+def test_numpy_integer_settings_are_stored_as_python_ints():
+    import numpy as np
+
+    w = nn.Parameter(torch.randn(8, 12))
+    opt = GaLoreAdamW([{"params": [w], "rank": np.int64(3), "update_proj_gap": np.int32(5)}])
+    w.grad = torch.randn(8, 12)
+    opt.step()
+    group = roundtrip(opt.state_dict())["param_groups"][0]  # weights_only=True
+    assert (group["rank"], group["update_proj_gap"]) == (3, 5) and type(group["rank"]) is int

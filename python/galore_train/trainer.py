@@ -57,6 +57,7 @@ class TrainerState:
     interval_windows: int = 0
     eval_loss_per_epoch: list = field(default_factory=list)
     train_time_s: float = 0.0
+    world_size: int = 1  # the data position means nothing under another world size
 
 
 @dataclass
@@ -90,7 +91,7 @@ class Trainer:
         self.config, self.info, self.device, self.out = config, info, device, out
         self.t = config.training
         self.tracker = MemoryTracker(device)
-        self.state = TrainerState()
+        self.state = TrainerState(world_size=info.world_size)
         self.metrics: Optional[MetricsLog] = None
         self.tensors_recorded = False  # optimizer state exists only after the first step
 
@@ -132,6 +133,7 @@ class Trainer:
         self.bundle.load_state_dict(saved["optimizer"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
+        check_resumable(saved, self.config, self.info.world_size, checkpoint)
         self.state = TrainerState(**saved["trainer"])
         restore_rng_state(saved["rng"])
         self._log(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch + 1}, micro-batch {self.state.micro})")
@@ -259,7 +261,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if t.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm)
+            clip_if_finite(self.trainable, t.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -407,6 +409,47 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = max(1, int(len(records) * fraction)) if len(records) > 1 else 0
     held = set(indices[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+# What a resumed run must share with the run that saved: the batch plan (the saved position counts
+# micro-batches of this size, on this many ranks) and the optimizer (its state is loaded as saved).
+RESUME_MUST_MATCH = (
+    "training.seed", "training.micro_batch_size", "training.gradient_accumulation_steps",
+    "optimizer.type", "optimizer.rank", "optimizer.update_proj_gap", "optimizer.scale", "optimizer.proj_type",
+    "optimizer.target_modules", "optimizer.svd", "optimizer.refresh_policy", "quantization.enabled",
+    "data.train_file", "model.name_or_path",
+)
+
+
+def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Path) -> None:
+    """Refuses a resume whose data position or optimizer state would mean something else now."""
+    from .checkpoint import CheckpointError
+
+    before, now = saved["config"], config.to_dict()
+    changed = []
+    for key in RESUME_MUST_MATCH:
+        section, name = key.split(".")
+        if before.get(section, {}).get(name) != now[section][name]:
+            changed.append(f"{key} was {before.get(section, {}).get(name)!r}, now {now[section][name]!r}")
+    saved_world = saved["trainer"].get("world_size", 1)
+    if saved_world != world_size:
+        changed.append(f"the number of processes was {saved_world}, now {world_size}")
+    if changed:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". Resume with the settings the run "
+            "was saved with, or start a new run in another output_dir."
+        )
+
+
+def clip_if_finite(params: list, max_norm: float) -> torch.Tensor:
+    """Global-norm clipping that leaves a non-finite gradient alone: clipping by an infinite norm
+    would zero every other gradient (and a refresh would then build a basis from zeros), while the
+    optimizer's guard skips just the parameters whose gradient is not finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if bool(torch.isfinite(norm)):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def run_mode(config: Config, kind: str) -> str:

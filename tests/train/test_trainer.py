@@ -265,3 +265,29 @@ def test_quantized_mode_a_resumes_bitwise(tmp_path, prepared):
     resumed = final_weights(tmp_path / "run")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_clipping_leaves_a_non_finite_gradient_to_the_optimizer_guard():
+    from galore_train.trainer import clip_if_finite
+
+    a, b = nn_param([3.0, 4.0]), nn_param([1.0, 0.0])
+    assert float(clip_if_finite([a, b], 1.0)) > 1.0
+    assert torch.allclose(a.grad.norm() ** 2 + b.grad.norm() ** 2, torch.tensor(1.0), atol=1e-5)
+    a, b = nn_param([float("inf"), 0.0]), nn_param([1.0, 2.0])
+    assert not torch.isfinite(clip_if_finite([a, b], 1.0))
+    assert torch.equal(b.grad, torch.tensor([1.0, 2.0]))  # untouched, not zeroed by an infinite norm
+
+
+def nn_param(grad):
+    p = torch.nn.Parameter(torch.zeros(len(grad)))
+    p.grad = torch.tensor(grad)
+    return p
+
+
+def test_resume_with_a_different_batch_plan_is_refused(tmp_path, prepared, capsys):
+    config = tiny_config(tmp_path / "run", prepared, training={"save_every": 2, "max_steps": 2, "epochs": 1})
+    assert run_cli(config, tmp_path) == 0
+    config["training"]["micro_batch_size"] = 4
+    assert run_cli(config, tmp_path, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "training.micro_batch_size was 8, now 4" in err and "cannot resume" in err

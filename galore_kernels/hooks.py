@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .projection import check_proj_type, check_rank, effective_rank, projection_side
+from .projection import check_proj_type, check_rank, check_update_proj_gap, effective_rank, projection_side
 from .subspace import METHODS, projection_bases, refresh_generator
 
 
@@ -27,13 +27,11 @@ class GradientProjectionHook:
             raise ValueError(f"project_gradient_hook needs a 2-D parameter, got shape {tuple(param.shape)}.")
         check_rank(rank)
         check_proj_type(proj_type)
-        if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap < 1:
-            raise ValueError(f"update_proj_gap={update_proj_gap!r} must be an integer >= 1.")
         if svd not in METHODS:
             raise ValueError(f"svd={svd!r} must be one of {', '.join(METHODS)}.")
         self.rank = effective_rank(rank, tuple(param.shape))
         self.side = projection_side(tuple(param.shape), proj_type)
-        self.update_proj_gap = update_proj_gap
+        self.update_proj_gap = check_update_proj_gap(update_proj_gap)
         self.svd, self.oversample, self.niter, self.seed = svd, oversample, niter, seed
         self.refresh_backend = dispatch.requested_backend("refresh", refresh_backend)
         self.calls = 0

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import dispatch
-from .projection import check_proj_type, check_rank, effective_rank, projection_side
+from .projection import check_proj_type, check_rank, check_update_proj_gap, effective_rank, projection_side
 from .subspace import METHODS, projection_bases, randomized_bases_batched, refresh_generator
 
 # Param-group keys of a GaLore group and their defaults (galore-torch's, plus our refresh settings).
@@ -151,11 +151,12 @@ class GaLoreAdamW(Optimizer):
                 f"GaLoreAdamW got a sparse gradient for parameter #{index} (shape {tuple(p.shape)}); "
                 "it supports dense gradients only (e.g. nn.Embedding(..., sparse=False))."
             )
-        if not self.check_finite(p, grad):
+        refreshed = id(p) in self._refreshed_this_step  # a batched refresh checked this gradient already
+        if not refreshed and not self.check_finite(p, grad):
             return False
         state = self._init_state(p, group)
         side = self.side(p)
-        if side is not None and id(p) not in self._refreshed_this_step and self.refresh_due(p):
+        if side is not None and not refreshed and self.refresh_due(p):
             self._refresh(p, grad, group, state, index, side)
         return side
 
@@ -368,12 +369,11 @@ def _complete_galore_group(group: dict, group_index: int) -> None:
     group["rank"] = check_rank(group["rank"], f"{where}: rank")
     for key, default in GALORE_GROUP_DEFAULTS.items():
         group.setdefault(key, default)
-    for key in ("update_proj_gap", "max_proj_gap", "oversample", "niter"):
+    group["update_proj_gap"] = check_update_proj_gap(group["update_proj_gap"], f"{where}: update_proj_gap")
+    for key in ("max_proj_gap", "oversample", "niter"):
         group[key] = _as_int(group[key])
     check_proj_type(group["proj_type"], f"{where}: proj_type")
     gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"{where}: update_proj_gap={gap!r} must be an integer >= 1 (steps between refreshes).")
     if group["svd"] not in METHODS:
         raise ValueError(f"{where}: svd={group['svd']!r} must be one of {', '.join(METHODS)}.")
     for key in ("oversample", "niter"):

@@ -32,7 +32,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .projection import check_proj_type, check_rank
+from .projection import check_proj_type, check_rank, check_update_proj_gap
 
 __all__ = ["galore_param_groups", "match_galore_modules"]
 
@@ -230,15 +230,9 @@ def match_galore_modules(
     return selected, left_out
 
 
-def _check_positive_int(name: str, value: Any, hint: str) -> None:
-    # bool is an int subclass; rank=True is almost certainly a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 ({hint}), got {value!r}")
-
-
 def _validate_hyperparameters(rank: Any, update_proj_gap: Any, scale: Any, proj_type: Any) -> None:
     check_rank(rank)
-    _check_positive_int("update_proj_gap", update_proj_gap, "e.g. update_proj_gap=200")
+    check_update_proj_gap(update_proj_gap)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
         math.isfinite(scale) and scale > 0
     ):

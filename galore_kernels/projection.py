@@ -50,6 +50,17 @@ def check_rank(rank, where: str = "rank") -> int:
     return value
 
 
+def check_update_proj_gap(gap, where: str = "update_proj_gap") -> int:
+    """``gap`` as an int (NumPy and torch integers accepted), or a ValueError naming ``where``."""
+    try:
+        value = operator.index(gap)
+    except TypeError:
+        value = None
+    if isinstance(gap, bool) or value is None or value < 1:
+        raise ValueError(f"{where}={gap!r} must be an integer >= 1 (steps between refreshes, e.g. 200).")
+    return value
+
+
 def effective_rank(rank: int, shape: tuple[int, ...], what: str = "parameter") -> int:
     """``rank`` clamped to the smaller side of ``shape``, warning when it had to be clamped."""
     limit = min(shape)

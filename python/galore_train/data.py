@@ -46,6 +46,8 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
+from .atomic import write_atomic
+
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1  # bump whenever the generated data or tokenizer layout changes
 
@@ -175,22 +177,6 @@ def _jsonl_bytes(records: Iterable[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -272,8 +258,8 @@ def prepare_default_data(data_dir: PathLike, *, seed: int = 0, n_train: int = 40
 
     train, evals = generate_default_records(seed, n_train, n_eval)
     tokenizer = build_default_tokenizer((_render_instruction(r)[0] + r["output"] for r in train), vocab_size)
-    _write_atomic(prepared.train_path, _jsonl_bytes(train))
-    _write_atomic(prepared.eval_path, _jsonl_bytes(evals))
+    write_atomic(prepared.train_path, _jsonl_bytes(train))
+    write_atomic(prepared.eval_path, _jsonl_bytes(evals))
 
     # The tokenizer folder: saved into a fresh temporary folder, then swapped in with a rename.
     tmp_dir = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{TOKENIZER_DIR}.", suffix=".tmp"))
@@ -293,7 +279,7 @@ def prepare_default_data(data_dir: PathLike, *, seed: int = 0, n_train: int = 40
         EVAL_FILE: _sha256(prepared.eval_path),
         **{f"{TOKENIZER_DIR}/{k}": v for k, v in _tree_hashes(prepared.tokenizer_dir).items()},
     }
-    _write_atomic(data_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(data_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return prepared
 
 

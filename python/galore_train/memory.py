@@ -27,6 +27,8 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
+from .atomic import write_atomic
+
 REPORT_FORMAT_VERSION = 1
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -283,17 +285,7 @@ class MemoryTracker:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.report(), indent=2, allow_nan=False, default=str) + "\n"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, text.encode("utf-8"))
 
 
 class _Bytes:

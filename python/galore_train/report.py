@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from .atomic import write_atomic
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``; flushed per line so a kill loses nothing."""
@@ -22,9 +24,7 @@ class MetricsLog:
         """Drops records a killed run logged after its last checkpoint, so a resumed log reads as an
         uninterrupted one."""
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -47,9 +47,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def results_table(summaries: Iterable[dict]) -> str:

@@ -231,8 +231,9 @@ class Trainer:
         batch["labels"].fill_(-100)
         return batch
 
-    def _collate(self, indices: list[int]) -> dict:
-        batch = collate([self.data.train[i] for i in indices], self.data.tokenizer.pad_token_id)
+    def _collate(self, indices: list[int], dataset=None) -> dict:
+        dataset = self.data.train if dataset is None else dataset
+        batch = collate([dataset[i] for i in indices], self.data.tokenizer.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _token_loss_sum(self, model, batch: dict) -> torch.Tensor:
@@ -302,8 +303,7 @@ class Trainer:
             size = self.t.micro_batch_size
             mine = list(range(self.info.rank, len(data.eval), self.info.world_size))
             for start in range(0, len(mine), size):
-                batch = collate([data.eval[i] for i in mine[start:start + size]], data.tokenizer.pad_token_id)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = self._collate(mine[start:start + size], data.eval)
                 loss_sum += float(self._token_loss_sum(model, batch))
                 targets += int((batch["labels"][:, 1:] != -100).sum())
         model.train(was_training)

@@ -158,16 +158,20 @@ def test_load_model_weights_is_strict(tmp_path):
 
 
 # --------------------------------------------------------------------------- interruption
-def test_crash_at_final_rename_keeps_previous(tmp_path, monkeypatch):
-    first = _save(tmp_path, 1)
+def crash_when_moving_a_tmp_folder_in(monkeypatch, message):
     real_rename = os.rename
 
     def crash(src, dst):
         if ".tmp-step-" in str(src):
-            raise OSError("simulated crash at the final rename")
+            raise OSError(message)
         return real_rename(src, dst)
 
     monkeypatch.setattr(ck.os, "rename", crash)
+
+
+def test_crash_at_final_rename_keeps_previous(tmp_path, monkeypatch):
+    first = _save(tmp_path, 1)
+    crash_when_moving_a_tmp_folder_in(monkeypatch, "simulated crash at the final rename")
     with pytest.raises(OSError, match="simulated"):
         _save(tmp_path, 2)
     monkeypatch.undo()
@@ -179,14 +183,7 @@ def test_crash_at_final_rename_keeps_previous(tmp_path, monkeypatch):
 def test_crash_during_resave_of_same_step(tmp_path, monkeypatch):
     first = _save(tmp_path, 1)
     before = load_training_state(first)["trainer"]
-    real_rename = os.rename
-
-    def crash(src, dst):
-        if ".tmp-step-" in str(src):
-            raise OSError("simulated crash moving the new folder in")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(ck.os, "rename", crash)
+    crash_when_moving_a_tmp_folder_in(monkeypatch, "simulated crash moving the new folder in")
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(tmp_path, 1, model=Tiny(), training_state={"trainer": {"step": 1, "new": True}})
     monkeypatch.undo()

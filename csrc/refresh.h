@@ -48,6 +48,14 @@ namespace detail {
 
 // After orthonormalisation, ||Q^T Q - I||_max at or above this means the factorisation broke down.
 constexpr double kOrthonormalTol = 1e-6;
+// CholeskyQR2 is accepted when the second pass's Gram C2 = Q1^T Q1 has ||C2 - I||_F^2 below this:
+// then every eigenvalue of C2 lies in [0.5, 1.5], cond(Q1) <= sqrt(3), and the second pass leaves
+// Q orthonormal to rounding. It replaces a separate Q^T Q check (one Gram fewer per call).
+constexpr double kSecondGramTol2 = 0.25;
+// A single float32 CholeskyQR pass (power iterations) is accepted when every pivot keeps at least
+// this fraction of its column's squared norm, L_jj^2 / C_jj (the squared sine of the angle between
+// column j and the columns before it): below it the column is numerically dependent in float32.
+constexpr double kPivotTol = 1e-12;
 
 inline at::Tensor batch_mask(const at::Tensor& ok) {  // (B,) -> (B, 1, 1)
   return ok.unsqueeze(-1).unsqueeze(-1);
@@ -61,9 +69,29 @@ inline at::Tensor cholesky_solve_or_nan(const at::Tensor& Y, const at::Tensor& C
   return at::where(batch_mask(info.eq(0)), Q, at::full_like(Q, std::numeric_limits<double>::quiet_NaN()));
 }
 
-// One CholeskyQR pass: Y R^-1 with R^T R = Y^T Y.
+// One CholeskyQR pass (fallback chain): Y R^-1 with R^T R = Y^T Y.
 inline at::Tensor cholesky_qr(const at::Tensor& Y) {
   return cholesky_solve_or_nan(Y, at::matmul(Y.mT(), Y));
+}
+
+// One CholeskyQR pass with a float64 Gram, applied as a matrix product: Y L^-T with L L^T = Y^T Y,
+// in Y's dtype (float32 or float64). L^-T is formed explicitly (k x k, float64), so the m x k work
+// is two GEMMs (Gram and product) instead of a Gram and a triangular solve.
+// Returns {Q, ok (B,) bool: the Cholesky succeeded and L^-T is finite in Y's dtype, C (the Gram)}.
+// With pivot_tol > 0, ok also needs min_j L_jj^2 / C_jj > pivot_tol.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr_pass(const at::Tensor& Y, double pivot_tol) {
+  const int64_t k = Y.size(-1);
+  const at::Tensor Yd = Y.to(at::kDouble);
+  const at::Tensor C = at::matmul(Yd.mT(), Yd);
+  at::Tensor L, info;
+  std::tie(L, info) = at::linalg_cholesky_ex(C);
+  const at::Tensor W = at::linalg_solve_triangular(L, at::eye(k, Yd.options()), /*upper=*/false).mT().to(Y.scalar_type());
+  at::Tensor ok = info.eq(0).logical_and(W.isfinite().all(-1).all(-1));
+  if (pivot_tol > 0) {
+    const at::Tensor ratio = L.diagonal(0, -2, -1).square().div(C.diagonal(0, -2, -1));
+    ok = ok.logical_and(ratio.gt(pivot_tol).all(-1));  // NaN (a zero column) compares false
+  }
+  return std::make_tuple(at::matmul(Y, W), ok, C);
 }
 
 // CholeskyQR with the Gram shifted by s*I (Fukaya et al. 2020): survives cond(Y) up to 1/eps.
@@ -83,6 +111,11 @@ inline at::Tensor is_orthonormal(const at::Tensor& Q) {  // (B, m, k) -> (B,) bo
   const int64_t k = Q.size(-1);
   const at::Tensor err = at::matmul(Q.mT(), Q).sub(at::eye(k, Q.options())).abs().amax({-2, -1});
   return err.lt(kOrthonormalTol);  // NaN compares false
+}
+
+inline at::Tensor near_identity(const at::Tensor& C) {  // (B, k, k) -> (B,) bool: ||C - I||_F^2 < tol
+  const int64_t k = C.size(-1);
+  return C.sub(at::eye(k, C.options())).square().sum({-2, -1}).lt(kSecondGramTol2);  // NaN: false
 }
 
 inline bool needs_fallback(const at::Tensor& ok, Fallback fallback) {
@@ -136,13 +169,16 @@ inline void check_randomized_basis_inputs(const at::Tensor& G, const at::Tensor&
 
 // ---- the algorithm ----
 
-// An orthonormal basis of Y's columns, (B, m, k) -> (B, m, k) float32: CholeskyQR2 in float64, then
-// for the entries that are not orthonormal shifted CholeskyQR3, then Householder QR.
+// An orthonormal basis of Y's columns, (B, m, k) -> (B, m, k) float32: CholeskyQR2 in float64
+// (accepted on its second Gram), then for the entries where that failed shifted CholeskyQR3, then
+// Householder QR. Every entry comes out orthonormal, whatever its rank.
 inline at::Tensor orthonormalize(const at::Tensor& Y, Fallback fallback) {
   using namespace detail;
   const at::Tensor Yd = Y.to(at::kDouble);
-  at::Tensor Q = cholesky_qr(cholesky_qr(Yd));
-  at::Tensor ok = is_orthonormal(Q);
+  at::Tensor Q1, ok1, C1, Q, ok2, C2;
+  std::tie(Q1, ok1, C1) = cholesky_qr_pass(Yd, /*pivot_tol=*/0.0);
+  std::tie(Q, ok2, C2) = cholesky_qr_pass(Q1, /*pivot_tol=*/0.0);
+  at::Tensor ok = ok1.logical_and(ok2).logical_and(near_identity(C2));
   if (needs_fallback(ok, fallback)) {
     Q = at::where(batch_mask(ok), Q, cholesky_qr(cholesky_qr(shifted_cholesky_qr(Yd))));
     ok = is_orthonormal(Q);
@@ -153,22 +189,41 @@ inline at::Tensor orthonormalize(const at::Tensor& Y, Fallback fallback) {
   return Q.to(at::kFloat);
 }
 
+// A well-conditioned basis of Y's columns for a power iteration, (B, m, k) float32 -> float32: one
+// CholeskyQR pass (float64 Gram, float32 product); the entries where it breaks down (a failed
+// Cholesky, a numerically dependent column, an overflow) get orthonormalize().
+inline at::Tensor power_basis(const at::Tensor& Y, Fallback fallback) {
+  using namespace detail;
+  at::Tensor Q, ok, C;
+  std::tie(Q, ok, C) = cholesky_qr_pass(Y, kPivotTol);
+  if (needs_fallback(ok, fallback)) {
+    Q = at::where(batch_mask(ok), Q, orthonormalize(Y, fallback));
+  }
+  return Q;
+}
+
 // Top-rank left subspace of each G (B, m, n): (B, m, rank) float32 with orthonormal columns.
+//   Y = G Omega; niter times { Q = basis(Y); Z = basis(G^T Q); Y = G Z }; Q = orth(Y)
+// then Rayleigh-Ritz: with niter > 0, Y = G Z = Q R (R = Q^T Y, k x k) and Z has orthonormal
+// columns, so the top-rank left singular vectors of G Z Z^T are Q times the top eigenvectors of
+// R R^T: no k x n product B = Q^T G (one GEMM with G fewer). With niter = 0, B = Q^T G.
 inline at::Tensor randomized_basis(const at::Tensor& G_in, const at::Tensor& omega, int64_t rank,
                                    int64_t niter, Fallback fallback) {
   const at::Tensor G = G_in.to(at::kFloat);
   const at::Tensor Gt = G.mT();
-  at::Tensor Q = orthonormalize(at::matmul(G, omega.to(at::kFloat)), fallback);
+  at::Tensor Y = at::matmul(G, omega.to(at::kFloat));
   for (int64_t i = 0; i < niter; ++i) {
-    const at::Tensor Z = orthonormalize(at::matmul(Gt, Q), fallback);
-    Q = orthonormalize(at::matmul(G, Z), fallback);
+    const at::Tensor Q = power_basis(Y, fallback);
+    const at::Tensor Z = power_basis(at::matmul(Gt, Q), fallback);
+    Y = at::matmul(G, Z);
   }
-  const at::Tensor Bd = at::matmul(Q.mT(), G).to(at::kDouble);  // (B, k, n)
+  const at::Tensor Q = orthonormalize(Y, fallback);
+  const at::Tensor R = at::matmul(Q.mT(), niter > 0 ? Y : G).to(at::kDouble);  // (B, k, k) or (B, k, n)
   at::Tensor lam, U;
-  std::tie(lam, U) = at::linalg_eigh(at::matmul(Bd, Bd.mT()));  // eigenvalues ascending
+  std::tie(lam, U) = at::linalg_eigh(at::matmul(R, R.mT()));  // eigenvalues ascending
   const int64_t k = U.size(-1);
   const at::Tensor top = U.slice(-1, k - rank, k).flip({-1});  // (B, k, rank), largest first
-  return at::matmul(Q.to(at::kDouble), top).to(at::kFloat);
+  return at::matmul(Q, top.to(at::kFloat));
 }
 
 // ---- entry points with validation, guards, and the device's fallback policy ----

@@ -3,13 +3,21 @@
 This is what the native ops are checked against and what runs when they are not built. Everything is
 batched over leading dimensions: ``G`` is ``(..., m, n)`` and the result ``(..., m, r)``.
 
-    Y = G @ Omega;  Q = orth(Y)
-    repeat niter times:  Z = orth(G^T Q);  Q = orth(G Z)
-    B = Q^T G;  B B^T = U diag(lam) U^T;  P = Q @ U[:, top r]
+    Y = G @ Omega
+    repeat niter times:  Q = basis(Y);  Z = basis(G^T Q);  Y = G Z
+    Q = orth(Y)
+    niter > 0:  R = Q^T Y (k x k);  R R^T = U diag(lam) U^T;  P = Q @ U[:, top r]
+    niter = 0:  B = Q^T G (k x n);  B B^T = U diag(lam) U^T;  P = Q @ U[:, top r]
+
+``basis`` (inside the power iterations) is one CholeskyQR pass: a well-conditioned basis is all the
+next product needs. ``orth`` (the returned basis) is CholeskyQR2, accepted on its second pass's Gram.
+Both fall back to shifted CholeskyQR3 and then Householder where they break down. With ``niter > 0``
+``Z`` is orthonormal and ``Y = G Z = Q R``, so the top singular vectors of ``G Z Z^T`` come from the
+small ``R``: the Rayleigh-Ritz step needs no ``k x n`` product with ``G``.
 
 Gram matrices, Cholesky factors and the small ``k x k`` eigenproblem are float64: they are tiny, and
 float64 keeps CholeskyQR2 stable up to a sketch condition number of about 1e8 (float32 would stop near
-1e3). The big products with ``G`` stay in float32.
+1e3). The products with ``G`` and the ``m x k`` products with ``L^-T`` stay in float32.
 """
 from __future__ import annotations
 
@@ -18,6 +26,11 @@ from torch import Tensor
 
 # After orthonormalisation, ||Q^T Q - I||_max above this means the factorisation broke down.
 _ORTHONORMAL_TOL = 1e-6
+# CholeskyQR2 is accepted when its second Gram C2 = Q1^T Q1 has ||C2 - I||_F^2 below this (every
+# eigenvalue in [0.5, 1.5]: the second pass then leaves Q orthonormal to rounding).
+_SECOND_GRAM_TOL2 = 0.25
+# A single power-iteration CholeskyQR pass needs every pivot ratio L_jj^2 / C_jj above this.
+_PIVOT_TOL = 1e-12
 
 
 def randomized_basis_reference(
@@ -28,14 +41,16 @@ def randomized_basis_reference(
 ) -> Tensor:  # (..., m, rank) float32, orthonormal columns spanning G's top-rank left subspace
     G = G.float()
     Gt = G.mT
-    Q = orthonormalize_reference(G @ omega.float())
+    Y = G @ omega.float()
     for _ in range(niter):
-        Z = orthonormalize_reference(Gt @ Q)
-        Q = orthonormalize_reference(G @ Z)
-    B = (Q.mT @ G).double()  # (..., k, n)
-    _, U = torch.linalg.eigh(B @ B.mT)  # eigenvalues ascending
+        Q = _power_basis(Y)
+        Z = _power_basis(Gt @ Q)
+        Y = G @ Z
+    Q = orthonormalize_reference(Y)
+    R = (Q.mT @ (Y if niter > 0 else G)).double()  # (..., k, k) or (..., k, n)
+    _, U = torch.linalg.eigh(R @ R.mT)  # eigenvalues ascending
     top = U[..., :, -rank:].flip(-1)  # (..., k, rank), largest first
-    return (Q.double() @ top).float()
+    return Q @ top.float()
 
 
 def orthonormalize_reference(Y: Tensor) -> Tensor:  # (..., m, k) -> (..., m, k) float32, Q^T Q = I
@@ -46,8 +61,9 @@ def orthonormalize_reference(Y: Tensor) -> Tensor:  # (..., m, k) -> (..., m, k)
     orthonormal whatever the rank; the extra columns then span an arbitrary complement.
     """
     Yd = Y.double()
-    Q = _cholesky_qr(_cholesky_qr(Yd))
-    ok = _is_orthonormal(Q)
+    Q1, ok1, _ = _cholesky_qr_pass(Yd, 0.0)
+    Q, ok2, C2 = _cholesky_qr_pass(Q1, 0.0)
+    ok = ok1 & ok2 & _near_identity(C2)
     if not bool(ok.all()):
         Q = torch.where(ok[..., None, None], Q, _cholesky_qr(_cholesky_qr(_shifted_cholesky_qr(Yd))))
         ok = _is_orthonormal(Q)
@@ -56,8 +72,40 @@ def orthonormalize_reference(Y: Tensor) -> Tensor:  # (..., m, k) -> (..., m, k)
     return Q.float()
 
 
+def _power_basis(Y: Tensor) -> Tensor:  # (..., m, k) float32 -> float32, well-conditioned
+    """One CholeskyQR pass; the entries where it breaks down get :func:`orthonormalize_reference`."""
+    Q, ok, _ = _cholesky_qr_pass(Y, _PIVOT_TOL)
+    if not bool(ok.all()):
+        Q = torch.where(ok[..., None, None], Q, orthonormalize_reference(Y))
+    return Q
+
+
+def _cholesky_qr_pass(Y: Tensor, pivot_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Y L^-T in Y's dtype, with L L^T = Y^T Y formed in float64 and L^-T applied as a product.
+
+    Returns (Q, ok, C): ok says the Cholesky succeeded, L^-T is finite in Y's dtype and (with
+    ``pivot_tol > 0``) every pivot ratio L_jj^2 / C_jj exceeds ``pivot_tol``.
+    """
+    k = Y.shape[-1]
+    Yd = Y.double()
+    C = Yd.mT @ Yd
+    L, info = torch.linalg.cholesky_ex(C)
+    W = torch.linalg.solve_triangular(L, torch.eye(k, dtype=Yd.dtype, device=Yd.device), upper=False).mT.to(Y.dtype)
+    ok = (info == 0) & W.isfinite().all(-1).all(-1)
+    if pivot_tol > 0:
+        ratio = L.diagonal(0, -2, -1).square() / C.diagonal(0, -2, -1)
+        ok = ok & (ratio > pivot_tol).all(-1)  # NaN (a zero column) compares False
+    return Y @ W, ok, C
+
+
+def _near_identity(C: Tensor) -> Tensor:  # (..., k, k) -> (...,) bool
+    k = C.shape[-1]
+    eye = torch.eye(k, dtype=C.dtype, device=C.device)
+    return (C - eye).square().sum(dim=(-2, -1)) < _SECOND_GRAM_TOL2  # NaN compares False
+
+
 def _cholesky_qr(Y: Tensor) -> Tensor:
-    """One CholeskyQR pass: Y R^-1 with R^T R = Y^T Y. NaN where the Cholesky fails."""
+    """One CholeskyQR pass (fallback chain): Y R^-1 with R^T R = Y^T Y. NaN where the Cholesky fails."""
     L, info = torch.linalg.cholesky_ex(Y.mT @ Y)
     Q = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT
     return torch.where((info == 0)[..., None, None], Q, torch.full_like(Q, float("nan")))

@@ -23,6 +23,9 @@ test: install
 	# One thread per process: the test models are tiny, and the tests that start several processes
 	# (DDP, kill-and-resume) would otherwise oversubscribe the two cores.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	# The Triton kernels on the CPU, through Triton's interpreter: a process of their own, because
+	# TRITON_INTERPRET must be set before Triton is imported.
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/triton_interp $(PYTEST_ARGS)
 
 # The main job: prepare the embedded default dataset if needed (idempotent), then train on it.
 # CONFIG=path/to/your.yaml trains your model instead; ARGS passes more flags (e.g. ARGS="--resume").

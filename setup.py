@@ -196,6 +196,9 @@ setup(
     install_requires=[
         # 2.11 is the oldest torch we test (the GPU machines); 2.13 is CI's.
         "torch>=2.11",
+        # The fused step's kernels (CUDA; the CPU tests run them in Triton's interpreter). 3.6 is
+        # what the GPU machines have; Triton ships wheels for Linux x86_64 (and aarch64) only.
+        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
         "train": TRAIN_REQUIRES,

@@ -11,10 +11,11 @@ signatures, so the optimizer's math never changes when a backend is added.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -39,6 +40,10 @@ class StepBackend:
     update: Callable[..., None]  # signature of reference.galore_adamw_update_reference
     project: Callable[..., torch.Tensor]  # signature of reference.project_reference
     project_back: Callable[..., torch.Tensor]  # signature of reference.project_back_reference
+    # Whole-bucket steps (same-shape parameters in one launch each); None: step parameters one by one.
+    galore_bucket: Optional[Callable[..., None]] = None  # torch.ops.galore_kernels.triton_galore_adamw_step
+    dense_bucket: Optional[Callable[..., None]] = None  # torch.ops.galore_kernels.triton_dense_adamw_step
+    bucket_dtypes: tuple = ()  # parameter dtypes the bucket steps take
 
 
 @dataclass(frozen=True)
@@ -75,10 +80,23 @@ def requested_backend(kind: str, argument: str) -> str:
 
 
 def step_backend(name: str, device: torch.device) -> StepBackend:
-    """The step implementation for tensors on ``device`` under the requested ``name``."""
+    """The step implementation for tensors on ``device`` under the requested ``name``.
+
+    ``auto`` takes Triton for CUDA tensors when Triton can compile for the device, the reference
+    otherwise (CPU tensors included: the interpreter is for tests, so it is used only by name).
+    """
+    if name == "reference":
+        return REFERENCE_STEP
+    device = torch.device(device)
+    reason = _cached_triton_reason(device, os.environ.get("TRITON_INTERPRET", "0"))
+    if reason is None and (name == "triton" or device.type == "cuda"):
+        return triton_step_backend()
     if name == "triton":
-        raise BackendUnavailableError(_triton_unavailable_reason(device))
-    return REFERENCE_STEP  # "auto" and "reference"
+        raise BackendUnavailableError(
+            f"backend='triton' was requested for tensors on {device}, but {reason}. Use backend='auto' "
+            f"or 'reference' (or unset {STEP_ENV})."
+        )
+    return REFERENCE_STEP
 
 
 def refresh_backend(name: str, device: torch.device) -> RefreshBackend:
@@ -103,10 +121,49 @@ def refresh_backend(name: str, device: torch.device) -> RefreshBackend:
     return REFERENCE_REFRESH
 
 
-def _triton_unavailable_reason(device: torch.device) -> str:
-    return (
-        f"backend='triton' was requested for tensors on {device}, but this build of galore_kernels "
-        "ships no Triton step kernels yet. Use backend='auto' or 'reference' (or unset "
-        f"{STEP_ENV})."
+# Triton's bf16 dot and the kernels' launch configurations need Ampere or newer.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the Triton step kernels can run on ``device``, else why not."""
+    try:
+        import triton  # noqa: F401  (imported here: the rest of the library never needs Triton)
+    except ImportError as err:
+        return f"Triton is not importable ({err}); `pip install triton`"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1 before import), meant for tests"
+        return None
+    if device.type != "cuda":
+        return f"the Triton kernels run on CUDA devices, not {device.type}"
+    if not torch.cuda.is_available():
+        return "torch reports no usable CUDA device"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < TRITON_MIN_CAPABILITY:
+        return f"the GPU has compute capability {capability}; the kernels need {TRITON_MIN_CAPABILITY} or newer"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_triton_reason(device: torch.device, interpret: str) -> Optional[str]:
+    """triton_unavailable_reason, asked once per device (the optimizer asks per parameter and step)."""
+    return triton_unavailable_reason(device)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_step_backend() -> StepBackend:
+    """The Triton step table (imports the kernels, and registers their ops, on first use)."""
+    from .triton_ops import step as triton_step
+
+    return StepBackend(
+        "triton",
+        step=triton_step.step_triton,
+        update=triton_step.update_triton,
+        project=triton_step.project_triton,
+        project_back=reference.project_back_reference,
+        galore_bucket=torch.ops.galore_kernels.triton_galore_adamw_step,
+        dense_bucket=torch.ops.galore_kernels.triton_dense_adamw_step,
+        bucket_dtypes=(torch.float32, torch.bfloat16, torch.float16),
     )
 

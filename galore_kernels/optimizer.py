@@ -13,7 +13,14 @@ Differences from galore-torch, each on purpose:
 - ``reverse_std`` back-projects on the side it projected (galore-torch re-derives the side from the
   low-rank shape and gets it wrong when that is square).
 - A non-finite gradient skips that parameter's step entirely (weights, moments, basis and step
-  count untouched), with one warning per parameter.
+  count untouched), with one warning per parameter. On the Triton backend's bucket steps the check
+  runs on the device without a host synchronisation: weights and moments stay untouched, the step
+  still counts and no warning is shown (refresh steps still check on the host and warn).
+
+Backends (``backend=``): ``reference`` (PyTorch, any device) or ``triton`` (fused kernels; CUDA, or
+CPU under ``TRITON_INTERPRET=1`` for tests); ``auto`` takes Triton for CUDA tensors. On Triton,
+same-shape parameters of a group are stepped by one set of launches, and ``lr`` may be a float32
+device tensor (read by the kernels, so a scheduler's in-place update reaches a CUDA graph replay).
 - A rank above ``min(m, n)`` is clamped with a warning; a non-2-D parameter in a GaLore group, an
   unknown ``proj_type`` or a rank < 1 is an error that names the parameter.
 """
@@ -79,6 +86,12 @@ class GaLoreAdamW(Optimizer):
         self._param_info: Optional[dict[int, tuple[int, dict, int]]] = None
         self._refreshed_this_step: set[int] = set()  # ids refreshed by a batched call in step()
         self._warned_nonfinite: set[int] = set()
+        # Triton bucket steps: device step counts per bucket (with the host counts they match) and
+        # per-group learning-rate buffers.
+        self._device_step_cache: dict[tuple, tuple[Tensor, tuple]] = {}
+        self._lr_buffers: dict[tuple, Tensor] = {}
+        self._last_buckets: list[tuple] = []  # (cache key, parameters) of the last step()'s bucket launches
+        self._capturing = False  # set by galore_kernels.graphs while a CUDA graph records a step
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when a requested backend cannot run here.
@@ -122,12 +135,111 @@ class GaLoreAdamW(Optimizer):
         try:
             for group in self.param_groups:
                 self._refresh_batched(group)
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self.step_param(p, p.grad)
+                for p in self._step_buckets(group):
+                    self.step_param(p, p.grad)
         finally:
             self._refreshed_this_step.clear()
         return loss
+
+    def _step_buckets(self, group: dict) -> list[Tensor]:
+        """Steps the group's parameters that a bucket backend (Triton) can take, a launch or three per
+        bucket of same-shape parameters; returns the rest, for :meth:`step_param` one at a time.
+
+        A bucket step checks the gradient on the device (no host synchronisation): a non-finite
+        gradient leaves that parameter's weight and moments unchanged, but its step still counts.
+        Refreshes stay on the per-parameter path, which checks the gradient on the host first.
+        """
+        singles, buckets = [], {}
+        if group is self.param_groups[0]:
+            self._last_buckets = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            backend = self._step_backend(p)
+            if backend.galore_bucket is None or p.dtype not in backend.bucket_dtypes or not self._bucketable(p, group):
+                singles.append(p)
+                continue
+            side = self.side(p)
+            self._init_state(p, group)
+            key = (side, tuple(p.shape) if side else p.numel(), p.dtype, p.device)
+            buckets.setdefault(key, []).append(p)
+        for (side, _, _, device), params in buckets.items():
+            self._launch_bucket(group, side, device, params)
+        return singles
+
+    def _bucketable(self, p: Tensor, group: dict) -> bool:
+        grad, side = p.grad, self.side(p)
+        if grad.is_sparse or grad.dtype != p.dtype or not (p.is_contiguous() and grad.is_contiguous()):
+            return False
+        if side is None:
+            return True
+        return side != "full" and (id(p) in self._refreshed_this_step or not self.refresh_due(p))
+
+    def _launch_bucket(self, group: dict, side, device: torch.device, params: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        backend = dispatch.step_backend(self.backend, device)
+        steps = self._device_steps(params, states, device)
+        lr = self._device_lr(group, device)
+        beta1, beta2 = group["betas"]
+        moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
+        if side is None:
+            backend.dense_bucket(params, [p.grad for p in params], *moments, steps, lr, beta1, beta2,
+                                 group["eps"], group["weight_decay"], group["correct_bias"])
+        else:
+            key = "proj_left" if side == "left" else "proj_right"
+            for state in states:  # exact bases keep LAPACK's column-major layout; the kernels read rows
+                if not state[key].is_contiguous():
+                    state[key] = state[key].contiguous()
+            backend.galore_bucket(params, [p.grad for p in params], *moments, [state[key] for state in states],
+                                  steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
+                                  group["scale"], group["correct_bias"])
+        for state in states:
+            state["step"] += 1
+        key = tuple(id(p) for p in params)
+        self._device_step_cache[key] = (steps, tuple(state["step"] for state in states))
+        self._last_buckets.append((key, params))
+
+    def _device_steps(self, params: list[Tensor], states: list[dict], device: torch.device) -> Tensor:
+        """The bucket's step counts as an int32 device tensor, which the kernels advance themselves.
+
+        Reused while the host counts still match what the last launch left (the steady state: no copy
+        to the device); rebuilt from the host counts, without a host synchronisation, otherwise.
+        """
+        cached = self._device_step_cache.get(tuple(id(p) for p in params))
+        host = tuple(state["step"] for state in states)
+        if cached is not None and cached[1] == host and cached[0].device == device:
+            return cached[0]
+        if self._capturing:
+            raise RuntimeError("GaLoreAdamW: a CUDA graph capture met a bucket with no device step counts; "
+                               "run one eager step with the same gradients before capturing.")
+        steps = torch.tensor(host, dtype=torch.int32)
+        if device.type == "cuda":
+            return steps.pin_memory().to(device, non_blocking=True)
+        return steps.to(device)
+
+    def _device_lr(self, group: dict, device: torch.device) -> Tensor:
+        """The group's learning rate as a one-element float32 device tensor the kernels read.
+
+        A tensor ``lr`` on the device is used as it is (a scheduler may update it in place, also
+        between CUDA graph replays); a float is written into a per-group buffer by a fill.
+        """
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1:
+            return lr.reshape(1)
+        key = (id(group), device)
+        buffer = self._lr_buffers.get(key)
+        if buffer is None:
+            buffer = self._lr_buffers[key] = torch.empty(1, dtype=torch.float32, device=device)
+        if not self._capturing:  # a captured fill would replay a stale lr: graphs.py fills before replay
+            buffer.fill_(lr)
+        return buffer
+
+    def fill_lr_buffers(self) -> None:
+        """Writes every group's float ``lr`` into the buffers the kernels read (before a graph replay)."""
+        for group in self.param_groups:
+            for (group_id, _), buffer in self._lr_buffers.items():
+                if group_id == id(group):
+                    buffer.fill_(group["lr"])
 
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor) -> bool:
@@ -316,6 +428,8 @@ class GaLoreAdamW(Optimizer):
         and bases are float32 by design, so they are put back from the saved tensors unchanged."""
         super().load_state_dict(state_dict)
         self._param_info = None  # the loader replaced the group dicts
+        self._device_step_cache.clear()
+        self._lr_buffers.clear()
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):

@@ -1,5 +1,7 @@
 """GaLoreAdamW behaviour: checkpoints, dtypes, seeding, bad input, backend choice."""
 import io
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -272,10 +274,21 @@ def test_optimizer_arguments_are_checked():
 def test_unavailable_step_backend_fails_at_construction_with_reason(monkeypatch):
     monkeypatch.delenv("GALORE_KERNELS_BACKEND", raising=False)
     monkeypatch.delenv("GALORE_KERNELS_REFRESH_BACKEND", raising=False)
-    with pytest.raises(BackendUnavailableError, match="backend='triton'.*auto"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="backend='triton'.*TRITON_INTERPRET.*auto"):
         GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="triton")
     with pytest.raises(ValueError, match="backend='cuda'"):
         GaLoreAdamW([nn.Parameter(torch.randn(4, 4))], backend="cuda")
+
+
+def test_library_import_does_not_import_triton_and_auto_is_reference_on_cpu():
+    code = ("import sys, torch, galore_kernels\n"
+            "from galore_kernels import dispatch\n"
+            "assert dispatch.step_backend('auto', torch.device('cpu')).name == 'reference'\n"
+            "assert 'galore_kernels.triton_ops' not in sys.modules\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_missing_native_extension_is_named_when_forced_and_auto_falls_back(monkeypatch, caplog):

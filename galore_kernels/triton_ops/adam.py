@@ -1,0 +1,142 @@
+"""The Adam phase of the fused step, elementwise over a bucket of same-size tensors.
+
+Low-rank (phase 1's epilogue, DESIGN.md "Fused step"): from the projected gradient R update the
+moments in place and emit ``N = s * scale * M / (sqrt(V) + eps)``, the step already scaled, so the
+back-projection's epilogue only subtracts and decays. Dense (parameters without a rank): the same
+Adam, applied to the weight in place with decoupled decay after the update (galore-torch's rule).
+
+Per-step scalars come from device memory: the step counts (B,) and the learning rate (1,). Nothing
+here is specialised on a per-step value, so a steady-state step compiles once and can be captured in
+a CUDA graph. A matrix whose ``nonfinite`` flag is set keeps its moments (and weight) unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, elementwise_block, interpreter_workarounds, pointer_table,
+                    stacked_table, to_dtype)
+
+
+@triton.jit
+def _one_minus_pow(t, log_beta):
+    """1 - beta^t in float32 without cancellation: 1 - 0.999^1 computed as 1 - exp(..) would keep
+    only 4 digits. -expm1(t log beta) by Kahan's trick (Triton has no expm1); beta = 0 gives 1."""
+    x = t * log_beta
+    u = tl.exp(x)
+    expm1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    return tl.where(u == 0.0, 1.0, -expm1)
+
+
+@triton.jit
+def _adam_kernel(
+    grad_table,  # (B,) int64: projected gradient R (float32) or, dense, the gradient
+    exp_avg_table,  # (B,) int64: M, float32, updated in place
+    exp_avg_sq_table,  # (B,) int64: V, float32, updated in place
+    out_table,  # (B,) int64: N (float32) for low-rank, the weight (in place) for dense
+    steps_ptr,  # (B,) int32: steps taken before this one
+    lr_ptr,  # (1,) float32
+    nonfinite_ptr,  # (B,) int32: nonzero = skip this matrix
+    numel,
+    beta1,
+    beta2,
+    log_beta1,  # log(beta1), from the host in float64 (-inf for beta1 = 0)
+    log_beta2,
+    eps,
+    weight_decay,
+    scale,
+    GRAD_DTYPE: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    DENSE: tl.constexpr,
+    CORRECT_BIAS: tl.constexpr,
+    INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
+    BLOCK: tl.constexpr,
+):
+    batch = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    finite = tl.load(nonfinite_ptr + batch) == 0
+    lr = tl.load(lr_ptr)
+    step_size = lr
+    if CORRECT_BIAS:
+        t = (tl.load(steps_ptr + batch) + 1).to(tl.float32)
+        step_size = lr * tl.sqrt(_one_minus_pow(t, log_beta2)) / _one_minus_pow(t, log_beta1)
+
+    grad_ptr = tl.load(grad_table + batch).to(tl.pointer_type(GRAD_DTYPE))
+    m_ptr = tl.load(exp_avg_table + batch).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(exp_avg_sq_table + batch).to(tl.pointer_type(tl.float32))
+    out_ptr = tl.load(out_table + batch).to(tl.pointer_type(OUT_DTYPE))
+    g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=inside, other=0.0)
+    v = tl.load(v_ptr + offs, mask=inside, other=0.0)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    normalized = m / (tl.sqrt(v) + eps)
+    # A skipped matrix writes nothing: its limit drops to 0 (a mask built by comparisons only, as
+    # Triton's interpreter mis-types a block mask and-ed with a scalar flag).
+    update = offs < tl.where(finite, numel, 0)
+    tl.store(m_ptr + offs, m, mask=update)
+    tl.store(v_ptr + offs, v, mask=update)
+    if DENSE:
+        w = tl.load(out_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        w = (w - step_size * normalized) * (1.0 - lr * weight_decay)
+        tl.store(out_ptr + offs, to_dtype(w, OUT_DTYPE, INTERPRETER), mask=update)
+    else:
+        tl.store(out_ptr + offs, normalized * (step_size * scale), mask=inside)
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0.0 else float("-inf")
+
+
+def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, numel, grad_dtype,
+            out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias) -> None:
+    device = exp_avgs[0].device
+    block = elementwise_block()
+    grid = (triton.cdiv(numel, block), len(exp_avgs))
+    _adam_kernel[grid](
+        grad_table, pointer_table(exp_avgs, device), pointer_table(exp_avg_sqs, device), out_table,
+        steps, lr, nonfinite, numel, beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay, scale,
+        GRAD_DTYPE=TORCH_TO_TL[grad_dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
+        CORRECT_BIAS=correct_bias, INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
+    )
+
+
+def lowrank_adam_triton(
+    lowrank: Tensor,  # (B, a, b) float32: R of every matrix in the bucket
+    exp_avgs: Sequence[Tensor],  # B x (a, b) float32, updated in place
+    exp_avg_sqs: Sequence[Tensor],  # B x (a, b) float32, updated in place
+    steps: Tensor,  # (B,) int32, steps before this one
+    lr: Tensor,  # (1,) float32
+    nonfinite: Tensor,  # (B,) int32
+    *, beta1: float, beta2: float, eps: float, scale: float, correct_bias: bool,
+    out: Optional[Tensor] = None,  # like lowrank; allocated if None
+) -> Tensor:  # N: (B, a, b) float32, already multiplied by the step size and scale
+    if out is not None and (out.shape != lowrank.shape or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(lowrank.shape)}.")
+    normalized = torch.empty_like(lowrank) if out is None else out
+    _launch(stacked_table(lowrank), exp_avgs, exp_avg_sqs, stacked_table(normalized), steps, lr,
+            nonfinite, lowrank[0].numel(), torch.float32, torch.float32, False, beta1, beta2, eps,
+            0.0, scale, correct_bias)
+    return normalized
+
+
+def dense_adamw_triton(
+    params: Sequence[Tensor],  # B tensors of one numel and dtype, updated in place
+    grads: Sequence[Tensor],  # B tensors like params
+    exp_avgs: Sequence[Tensor],  # float32, like params
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Tensor,  # (B,) int32
+    lr: Tensor,  # (1,) float32
+    nonfinite: Tensor,  # (B,) int32
+    *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool,
+) -> None:
+    device = params[0].device
+    _launch(pointer_table(grads, device), exp_avgs, exp_avg_sqs, pointer_table(params, device), steps,
+            lr, nonfinite, params[0].numel(), grads[0].dtype, params[0].dtype, True, beta1, beta2, eps,
+            weight_decay, 1.0, correct_bias)

@@ -1,0 +1,96 @@
+"""Phase 2 of the fused step: back-project and apply, in place.
+
+left:  W <- (W - P N) * (1 - lr * wd)    P: m x r, N: r x n
+right: W <- (W - N Q) * (1 - lr * wd)    N: m x r, Q: r x n
+
+``N`` arrives already multiplied by the Adam step size and GaLore's scale (see adam.py), so the
+epilogue is one subtraction and the decoupled decay. The product has K = r; one program owns one
+tile of W, reads it once and writes it once. 16-bit weights are updated in float32 and rounded once.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .utils import TORCH_TO_TL, dot_precision, gemm_config, pointer_table, stacked_table, dot_operand, interpreter_workarounds, to_dtype
+
+
+@triton.jit
+def _back_apply_kernel(
+    a_table,  # (B,) int64: P (left) or N (right)
+    b_table,  # (B,) int64: N (left) or Q (right)
+    w_table,  # (B,) int64: the weights, updated in place
+    lr_ptr,  # (1,) float32
+    nonfinite_ptr,  # (B,) int32: nonzero = leave this weight untouched
+    M,
+    N,
+    K,
+    weight_decay,
+    W_DTYPE: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    # Both operands are float32 and row-major: A is M x K, B is K x N.
+    a_ptr = tl.load(a_table + batch).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.load(b_table + batch).to(tl.pointer_type(tl.float32))
+    w_ptr = tl.load(w_table + batch).to(tl.pointer_type(W_DTYPE))
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * K + kk[None, :],
+                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * N + offs_n[None, :],
+                    mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        a = dot_operand(a, OPERAND, INTERPRETER)
+        b = dot_operand(b, OPERAND, INTERPRETER)
+        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+    finite = tl.load(nonfinite_ptr + batch) == 0
+    decay = 1.0 - tl.load(lr_ptr) * weight_decay
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    w_tile = w_ptr + offs_m[:, None] * N + offs_n[None, :]
+    w = tl.load(w_tile, mask=inside, other=0.0).to(tl.float32)
+    w = (w - acc) * decay
+    # A skipped weight writes nothing (its row limit drops to 0; see adam.py on the mask).
+    update = (offs_m[:, None] < tl.where(finite, M, 0)) & (offs_n[None, :] < N)
+    tl.store(w_tile, to_dtype(w, W_DTYPE, INTERPRETER), mask=update)
+
+
+def back_apply_triton(
+    params: Sequence[Tensor],  # B x (m, n), one dtype, updated in place
+    normalized: Tensor,  # (B, r, n) left or (B, m, r) right, float32, step size and scale applied
+    bases: Sequence[Tensor],  # B x (m, r) left or B x (r, n) right, float32
+    lr: Tensor,  # (1,) float32
+    nonfinite: Tensor,  # (B,) int32
+    *, side: str, weight_decay: float,
+) -> None:
+    device, dtype = params[0].device, params[0].dtype
+    m, n = params[0].shape
+    rank = normalized.shape[1] if side == "left" else normalized.shape[2]
+    basis_table, n_table = pointer_table(bases, device), stacked_table(normalized)
+    a_table, b_table = (basis_table, n_table) if side == "left" else (n_table, basis_table)
+    cfg = gemm_config(m, n, dtype)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
+    _back_apply_kernel[grid](
+        a_table, b_table, pointer_table(params, device), lr, nonfinite, m, n, rank, weight_decay,
+        W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

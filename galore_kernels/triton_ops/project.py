@@ -1,0 +1,116 @@
+"""Phase 1 of the fused step: ``R[b] = project(G[b])`` for a bucket of same-shape gradients.
+
+left:  R = P^T G   (P: m x r basis, G: m x n)  -> R: r x n
+right: R = G Q^T   (Q: r x n basis rows)       -> R: m x r
+
+One program owns one output tile and runs the whole reduction (no split-K), so every element of R
+is final when it is stored. The epilogue also records, per matrix, whether any element of R is
+non-finite: an Inf or NaN anywhere in G reaches R, so this is the device-side guard that the Adam
+phase uses to leave the moments and the weight untouched, without a host round trip.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .utils import TORCH_TO_TL, dot_precision, gemm_config, pointer_table, dot_operand, interpreter_workarounds
+
+
+@triton.jit
+def _lowrank_project_kernel(
+    a_table,  # (B,) int64: A operand of each product (P^T for left, G for right)
+    b_table,  # (B,) int64: B operand (G for left, Q^T for right)
+    out_ptr,  # (B, M, N) float32, stacked R
+    nonfinite_ptr,  # (B,) int32, zeroed by the launcher; set to 1 where R holds Inf/NaN
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    A_DTYPE: tl.constexpr,
+    B_DTYPE: tl.constexpr,
+    OPERAND: tl.constexpr,  # dtype both operands are cast to before tl.dot
+    PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands ("ieee" or "tf32")
+    INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    a_ptr = tl.load(a_table + batch).to(tl.pointer_type(A_DTYPE))
+    b_ptr = tl.load(b_table + batch).to(tl.pointer_type(B_DTYPE))
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=(kk[:, None] < K) & (offs_n[None, :] < N),
+            other=0.0,
+        )
+        a = dot_operand(a, OPERAND, INTERPRETER)
+        b = dot_operand(b, OPERAND, INTERPRETER)
+        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out = out_ptr + batch.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc, mask=inside)
+    bad = ((acc != acc) | (tl.abs(acc) == float("inf"))) & inside
+    tl.atomic_max(nonfinite_ptr + batch, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0))
+
+
+def project_operands(side: str, shape: tuple[int, int], rank: int) -> tuple[tuple, tuple, tuple]:
+    """(M, N, K), A strides, B strides of the product that projects an (m, n) gradient."""
+    m, n = shape
+    if side == "left":  # P^T (r x m, read from P: m x r row-major) @ G (m x n)
+        return (rank, n, m), (1, rank), (n, 1)
+    if side == "right":  # G (m x n) @ Q^T (n x r, read from Q: r x n row-major)
+        return (m, rank, n), (n, 1), (1, n)
+    raise ValueError(f"side={side!r}: the Triton projection runs 'left' or 'right' ('full' stays on the reference)")
+
+
+def lowrank_project_triton(
+    grads: Sequence[Tensor],  # B x (m, n), one dtype
+    bases: Sequence[Tensor],  # B x (m, r) for left, B x (r, n) for right; float32
+    side: str,
+    rank: int,
+    out: Optional[Tensor] = None,  # (B, r, n) or (B, m, r) float32, contiguous; allocated if None
+) -> tuple[Tensor, Tensor]:  # R: (B, r, n) or (B, m, r) float32; nonfinite: (B,) int32
+    """Projects every gradient of a bucket in one launch."""
+    device, dtype = grads[0].device, grads[0].dtype
+    (M, N, K), (sam, sak), (sbk, sbn) = project_operands(side, tuple(grads[0].shape), rank)
+    if out is None:
+        out = torch.empty((len(grads), M, N), dtype=torch.float32, device=device)
+    elif tuple(out.shape) != (len(grads), M, N) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(len(grads), M, N)}, got {out.dtype} {tuple(out.shape)}.")
+    nonfinite = torch.zeros(len(grads), dtype=torch.int32, device=device)
+    basis_table, grad_table = pointer_table(bases, device), pointer_table(grads, device)
+    a_table, b_table = (basis_table, grad_table) if side == "left" else (grad_table, basis_table)
+    a_dtype, b_dtype = (torch.float32, dtype) if side == "left" else (dtype, torch.float32)
+    cfg = gemm_config(M, N, dtype)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), len(grads))
+    _lowrank_project_kernel[grid](
+        a_table, b_table, out, nonfinite, M, N, K, sam, sak, sbk, sbn,
+        A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], OPERAND=TORCH_TO_TL[dtype],
+        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, nonfinite

@@ -1,0 +1,204 @@
+"""A whole bucket's GaLore AdamW step in a fixed handful of launches, and its torch.library ops.
+
+``galore_adamw_step_triton``: B same-shape parameters projected on one side, three launches
+(project + guard, Adam, back-project + apply) and one ``steps += 1``, whatever B is.
+``dense_adamw_step_triton``: B same-size parameters without a rank, two launches plus the count.
+
+Both are exposed as custom ops, ``torch.ops.galore_kernels.triton_galore_adamw_step`` and
+``torch.ops.galore_kernels.triton_dense_adamw_step``, with fake kernels, so ``torch.compile`` can
+trace an optimizer step through them. The step counts and the learning rate are device tensors and
+no launch depends on a host-side value that changes between steps: a steady-state step is one CUDA
+graph replay (see ``galore_kernels.graphs``).
+
+The single-parameter adapters at the end have the reference functions' signatures; the dispatch
+table serves them to layer-wise mode and to any caller that steps one parameter at a time.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..reference import step as reference_step
+from .adam import dense_adamw_triton, lowrank_adam_triton
+from .back_apply import back_apply_triton
+from .nonfinite import nonfinite_flags_triton
+from .project import lowrank_project_triton
+from .utils import SUPPORTED_DTYPES, check_bucket
+
+
+def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> int:
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r}: the Triton step projects 'left' or 'right'; 'full' runs on the reference.")
+    if not params:
+        raise ValueError("an empty bucket: pass at least one parameter.")
+    shape, dtype = tuple(params[0].shape), params[0].dtype
+    if len(shape) != 2 or dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the Triton step takes 2-D float32/bf16/fp16 weights, got {shape} {dtype}.")
+    counts = {len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), len(bases), steps.numel()}
+    if len(counts) != 1:
+        raise ValueError(f"bucket lists differ in length: params {len(params)}, grads {len(grads)}, "
+                         f"exp_avgs {len(exp_avgs)}, exp_avg_sqs {len(exp_avg_sqs)}, bases {len(bases)}, steps {steps.numel()}.")
+    rank = bases[0].shape[1] if side == "left" else bases[0].shape[0]
+    m, n = shape
+    check_bucket("params", params, shape, dtype)
+    check_bucket("grads", grads, shape, dtype)
+    check_bucket("bases", bases, (m, rank) if side == "left" else (rank, n), torch.float32)
+    lowrank = (rank, n) if side == "left" else (m, rank)
+    check_bucket("exp_avgs", exp_avgs, lowrank, torch.float32)
+    check_bucket("exp_avg_sqs", exp_avg_sqs, lowrank, torch.float32)
+    _check_scalars(steps, lr, params[0].device)
+    return rank
+
+
+def _check_scalars(steps: Tensor, lr: Tensor, device: torch.device) -> None:
+    if steps.dtype != torch.int32 or steps.device != device or not steps.is_contiguous():
+        raise ValueError(f"steps must be a contiguous int32 tensor on {device}, got {steps.dtype} on {steps.device}.")
+    if lr.dtype != torch.float32 or lr.numel() != 1 or lr.device != device:
+        raise ValueError(f"lr must be a one-element float32 tensor on {device}, got {lr.dtype} {tuple(lr.shape)} on {lr.device}.")
+
+
+def galore_adamw_step_triton(
+    params: Sequence[Tensor],  # B x (m, n), updated in place
+    grads: Sequence[Tensor],  # B x (m, n), same dtype as params
+    exp_avgs: Sequence[Tensor],  # B x (r, n) left / (m, r) right, float32, updated in place
+    exp_avg_sqs: Sequence[Tensor],  # like exp_avgs
+    bases: Sequence[Tensor],  # B x (m, r) left / (r, n) right, float32
+    steps: Tensor,  # (B,) int32 steps taken so far; incremented
+    lr: Tensor,  # (1,) float32
+    *, side: str, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+    correct_bias: bool = True,
+) -> None:
+    """project -> low-rank Adam -> back-project -> apply for a bucket; a matrix whose gradient
+    holds Inf/NaN keeps its weight and moments (its step still counts)."""
+    rank = _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side)
+    lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
+    normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
+                                     beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias)
+    back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay)
+    steps.add_(1)
+
+
+def dense_adamw_step_triton(
+    params: Sequence[Tensor],  # B tensors of one numel and dtype, updated in place
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],  # float32, like params
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Tensor,  # (B,) int32; incremented
+    lr: Tensor,  # (1,) float32
+    *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool = True,
+) -> None:
+    """AdamW with decay after the update (galore-torch's rule for parameters without a rank)."""
+    if not params:
+        raise ValueError("an empty bucket: pass at least one parameter.")
+    shape, dtype = tuple(params[0].shape), params[0].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the Triton step takes float32/bf16/fp16 parameters, got {dtype}.")
+    if len({len(params), len(grads), len(exp_avgs), len(exp_avg_sqs), steps.numel()}) != 1:
+        raise ValueError("bucket lists differ in length.")
+    check_bucket("params", params, shape, dtype)
+    check_bucket("grads", grads, shape, dtype)
+    check_bucket("exp_avgs", exp_avgs, shape, torch.float32)
+    check_bucket("exp_avg_sqs", exp_avg_sqs, shape, torch.float32)
+    _check_scalars(steps, lr, params[0].device)
+    nonfinite = nonfinite_flags_triton(grads)
+    dense_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1, beta2=beta2,
+                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    steps.add_(1)
+
+
+# ------------------------------------------------------------------------------ torch.library ops
+@torch.library.custom_op("galore_kernels::triton_galore_adamw_step",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def _galore_step_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                    exp_avg_sqs: list[Tensor], bases: list[Tensor], steps: Tensor, lr: Tensor, side: str,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                    correct_bias: bool) -> None:
+    galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
+                             beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                             correct_bias=correct_bias)
+
+
+@_galore_step_op.register_fake
+def _galore_step_fake(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
+                      weight_decay, scale, correct_bias) -> None:
+    return None
+
+
+@torch.library.custom_op("galore_kernels::triton_dense_adamw_step",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def _dense_step_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                   exp_avg_sqs: list[Tensor], steps: Tensor, lr: Tensor, beta1: float, beta2: float,
+                   eps: float, weight_decay: float, correct_bias: bool) -> None:
+    dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, correct_bias=correct_bias)
+
+
+@_dense_step_op.register_fake
+def _dense_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                     correct_bias) -> None:
+    return None
+
+
+# ------------------------------------------------------------- single-parameter adapters (dispatch)
+def _device_scalars(step: int, lr: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (steps, lr) device tensors for one parameter: two fills, no host-to-device copy."""
+    return (torch.full((1,), step - 1, dtype=torch.int32, device=device),
+            torch.full((1,), lr, dtype=torch.float32, device=device))
+
+
+def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                correct_bias: bool) -> None:
+    """``reference.galore_adamw_step_reference`` on the kernels (``step`` counted after the increment)."""
+    if side == "full" or not _fits(param, grad):
+        return reference_step.galore_adamw_step_reference(
+            param, grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
+    steps, lr_t = _device_scalars(step, lr, param.device)
+    if side is None:
+        dense_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], steps, lr_t, beta1=beta1, beta2=beta2,
+                                eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        return None
+    basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
+    galore_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], [basis], steps, lr_t, side=side,
+                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                             correct_bias=correct_bias)
+    return None
+
+
+def project_triton(grad: Tensor, proj_left: Optional[Tensor], proj_right: Optional[Tensor], side) -> Tensor:
+    """``reference.project_reference`` on the projection kernel."""
+    if side == "full" or not _fits(grad, grad):
+        return reference_step.project_reference(grad, proj_left, proj_right, side)
+    basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
+    rank = basis.shape[1] if side == "left" else basis.shape[0]
+    lowrank, _ = lowrank_project_triton([grad], [basis], side, rank)
+    return lowrank[0]
+
+
+def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                  proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                  correct_bias: bool) -> None:
+    """``reference.galore_adamw_update_reference`` on the Adam and back-projection kernels."""
+    if side in (None, "full") or not _fits(param, param):
+        return reference_step.galore_adamw_update_reference(
+            param, lowrank_grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
+    steps, lr_t = _device_scalars(step, lr, param.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
+    basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
+    normalized = lowrank_adam_triton(lowrank_grad.float().contiguous().unsqueeze(0), [exp_avg], [exp_avg_sq],
+                                     steps, lr_t, nonfinite, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
+                                     correct_bias=correct_bias)
+    back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay)
+    return None
+
+
+def _fits(param: Tensor, grad: Tensor) -> bool:
+    """Whether the kernels take these tensors (contiguous, a supported dtype); else the reference runs."""
+    return (param.dtype in SUPPORTED_DTYPES and grad.dtype == param.dtype
+            and param.is_contiguous() and grad.is_contiguous())

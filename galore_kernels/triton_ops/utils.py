@@ -1,0 +1,170 @@
+"""Launch heuristics and small helpers shared by the Triton ops (one place, as in Liger-Kernel).
+
+Every kernel here works on a *bucket*: B parameters of one shape and dtype, stepped by one launch.
+User tensors (weights, gradients, moments, bases) are separate allocations, so a kernel receives a
+pointer table (an int64 tensor of ``data_ptr()``s on the kernels' device) per operand and loads its
+own row. Tables are cached by the addresses they hold, so a steady-state step copies nothing to the
+device, and a cached table stays valid for as long as the same addresses are passed.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(TORCH_TO_TL)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------ precision
+# torch.get_float32_matmul_precision() -> tl.dot input_precision for float32 operands. torch's
+# default "highest" is IEEE fp32; tl.dot's own default would be TF32, which silently changes what a
+# user who kept "highest" asked for. "medium" allows bf16 inside torch's matmuls; Triton has no
+# such mode for fp32 operands, so it gets TF32, the nearest cheaper one.
+FP32_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
+def dot_precision(param_dtype: torch.dtype) -> str:
+    """The ``input_precision`` of the projection matmuls for parameters of ``param_dtype``.
+
+    bf16/fp16 parameters multiply in their own dtype (fp32 accumulation); the precision flag only
+    matters for float32 operands and follows torch's global setting.
+    """
+    if param_dtype != torch.float32 or interpreting():
+        return "ieee"  # ignored for 16-bit operands; one value keeps the compiled variants few
+    return FP32_PRECISION[torch.get_float32_matmul_precision()]
+
+
+def interpreter_workarounds() -> bool:
+    """The ``INTERPRETER`` constexpr of the kernels: True only under Triton's interpreter.
+
+    Two interpreter bugs (triton 3.9) would otherwise make the CPU parity tests test the interpreter:
+    its ``tl.dot`` multiplies bf16 operands as their raw 16-bit patterns, and its float32 -> bf16 cast
+    truncates where compiled Triton rounds to nearest even. Under the flag the kernels round with
+    :func:`to_dtype`'s bit arithmetic and multiply the rounded 16-bit operands in float32, which is
+    what the tensor cores compute (products of 16-bit values are exact in float32). Compiled kernels
+    never take these branches (the ahead-of-time compile test builds them with the flag off).
+    """
+    return interpreting()
+
+
+@triton.jit
+def to_dtype(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
+    """``x.to(DTYPE)`` rounding to nearest even, also under the interpreter (see above)."""
+    if INTERPRETER and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def dot_operand(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
+    """``x`` rounded to the dot's operand dtype (widened back to float32 under the interpreter)."""
+    x = to_dtype(x, DTYPE, INTERPRETER)
+    if INTERPRETER:
+        x = x.to(tl.float32)
+    return x
+
+
+# ------------------------------------------------------------------------------ launch configs
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The configurations the GEMM launchers can pick (the ahead-of-time compile test builds each one).
+# Thin outputs (one side is the rank) favour a tall tile on the long side; 16-bit operands take a
+# deeper K step. The interpreter gets small tiles: it runs every element in NumPy.
+GEMM_CONFIGS = {
+    "wide_16bit": GemmConfig(64, 128, 64, 4, 3),
+    "wide_fp32": GemmConfig(64, 128, 32, 4, 3),
+    "square_16bit": GemmConfig(64, 64, 64, 4, 3),
+    "square_fp32": GemmConfig(64, 64, 32, 4, 3),
+    "interpreter": GemmConfig(32, 64, 32, 4, 1),
+}
+ELEMENTWISE_BLOCK = 1024
+ELEMENTWISE_WARPS = 4
+INTERPRETER_ELEMENTWISE_BLOCK = 256
+
+
+def gemm_config(out_rows: int, out_cols: int, operand_dtype: torch.dtype) -> GemmConfig:
+    """Tile shape for a (out_rows x out_cols) output with a long reduction or K = rank."""
+    if interpreting():
+        return GEMM_CONFIGS["interpreter"]
+    bits = "16bit" if operand_dtype != torch.float32 else "fp32"
+    wide = max(out_rows, out_cols) >= 1024 and min(out_rows, out_cols) >= 64
+    return GEMM_CONFIGS[f"{'wide' if wide else 'square'}_{bits}"]
+
+
+def elementwise_block() -> int:
+    return INTERPRETER_ELEMENTWISE_BLOCK if interpreting() else ELEMENTWISE_BLOCK
+
+
+# ------------------------------------------------------------------------------ pointer tables
+_TABLE_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_TABLE_CACHE_SIZE = 512
+
+
+def pointer_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """An int64 tensor on ``device`` holding each tensor's data pointer, cached by those pointers.
+
+    A new table is filled from pinned host memory with a non-blocking copy (no host synchronisation;
+    a copy made while a CUDA graph is being captured is replayed from the same pinned buffer, which
+    the cache keeps alive).
+    """
+    key = (device.type, device.index, tuple(t.data_ptr() for t in tensors))
+    table = _TABLE_CACHE.get(key)
+    if table is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return table[1]
+    host = torch.tensor(key[2], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+        table = (host, host.to(device, non_blocking=True))
+    else:
+        table = (host, host)
+    _TABLE_CACHE[key] = table
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return table[1]
+
+
+def stacked_table(stacked: Tensor) -> Tensor:  # (B, ...) contiguous -> (B,) int64 on its device
+    """The pointer table of the B slices of a stacked scratch tensor, computed on its device."""
+    step = stacked[0].numel() * stacked.element_size() if stacked.shape[0] else 0
+    return stacked.data_ptr() + step * torch.arange(stacked.shape[0], device=stacked.device, dtype=torch.int64)
+
+
+def check_bucket(name: str, tensors: Sequence[Tensor], shape: tuple, dtype: torch.dtype | None = None) -> None:
+    """Every tensor of a bucket must share shape (and dtype), be contiguous and sit on one device."""
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; the bucket needs {tuple(shape)}.")
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(f"{name}[{i}] is {t.dtype}; the bucket needs {dtype}.")
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device}; the bucket is on {device}.")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] is not contiguous; the Triton step needs contiguous tensors "
+                             "(pass .contiguous() tensors, or use backend='reference').")
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)

@@ -1,0 +1,145 @@
+"""The Triton step on a GPU (skipped without one): parity at realistic shapes, a multi-step run of
+GaLoreAdamW(backend="triton") against the reference, and CUDA-graph replay against eager steps.
+
+Run by benchmarks/gpu_check.sh on the GPU machines; the same kernels are checked on the CPU in CI
+through Triton's interpreter (tests/triton_interp) and compiled ahead of time for sm_90
+(tests/test_triton_compile.py).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from galore_kernels import GaLoreAdamW
+from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bucket_step64, bucket_step_torch,
+                           make_bucket, relative_error, update_error)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Odd and realistic shapes (the anchor model's MLP is 2736 wide); ranks as trained.
+SHAPES = [((1024, 2736), 256), ((2736, 1024), 256), ((1023, 2049), 100), ((4096, 4096), 512)]
+TF32_TOL = 5e-3  # TF32 operands keep 10 mantissa bits: about bf16's error, a little better
+
+
+@pytest.fixture
+def float32_precision(request):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(previous)
+
+
+def run_bucket_cuda(b, lr, weight_decay):
+    from galore_kernels.triton_ops.step import galore_adamw_step_triton
+
+    steps = torch.full((len(b.params),), b.steps_before, dtype=torch.int32, device="cuda")
+    galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps,
+                             torch.tensor([lr], device="cuda"), side=b.side, weight_decay=weight_decay, **HP)
+    torch.cuda.synchronize()
+    return steps
+
+
+def to_cpu(b):
+    return type(b)(*[[t.cpu() for t in xs] for xs in (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases)],
+                   b.steps_before, b.side)
+
+
+@pytest.mark.parametrize("shape, rank", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("steps_before", [0, 7])
+def test_16bit_bucket_step_matches_float64(shape, rank, dtype, steps_before):
+    side = "left" if shape[0] < shape[1] else "right"
+    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=steps_before, seed=rank + steps_before, device="cuda")
+    old = to_cpu(b)
+    expected_w, expected_m, _ = bucket_step64(old, 0.1, 0.1)
+    control = bucket_step_torch(make_bucket(shape, rank, side, dtype, 2, steps_before, rank + steps_before, "cuda"), 0.1, 0.1)
+    assert run_bucket_cuda(b, 0.1, 0.1).tolist() == [steps_before + 1] * 2
+    for i in range(2):
+        err = update_error(b.params[i].cpu(), old.params[i], expected_w[i])
+        control_err = update_error(control[i].cpu(), old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[dtype], (err, control_err)
+        assert relative_error(b.exp_avgs[i].cpu(), expected_m[i]) <= MOMENT_TOL[dtype]
+
+
+@pytest.mark.parametrize("shape, rank", SHAPES[:3])
+@pytest.mark.parametrize("float32_precision", ["highest", "high"], indirect=True)
+def test_float32_bucket_step_follows_matmul_precision(shape, rank, float32_precision):
+    side = "left" if shape[0] < shape[1] else "right"
+    b = make_bucket(shape, rank, side, torch.float32, batch=2, steps_before=3, seed=rank, device="cuda")
+    old = to_cpu(b)
+    expected_w, expected_m, _ = bucket_step64(old, 0.1, 0.0)
+    run_bucket_cuda(b, 0.1, 0.0)
+    errs = [update_error(b.params[i].cpu(), old.params[i], expected_w[i]) for i in range(2)]
+    m_errs = [relative_error(b.exp_avgs[i].cpu(), expected_m[i]) for i in range(2)]
+    if float32_precision == "highest":  # IEEE fp32 dot
+        assert max(errs) <= 1e-5 and max(m_errs) <= 1e-5, (errs, m_errs)
+    else:  # TF32: clearly worse than IEEE, clearly better than nothing
+        assert max(errs) <= TF32_TOL and 1e-6 < max(m_errs) <= TF32_TOL, (errs, m_errs)
+
+
+def test_nonfinite_gradient_masks_on_device():
+    b = make_bucket((1024, 2736), 64, "left", torch.bfloat16, batch=3, steps_before=2, seed=1, device="cuda")
+    b.grads[2][100, 2000] = float("nan")
+    old = b.clone()
+    run_bucket_cuda(b, 0.1, 0.1)
+    assert torch.equal(b.params[2], old.params[2]) and torch.equal(b.exp_avgs[2], old.exp_avgs[2])
+    assert not torch.equal(b.params[0], old.params[0])
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 384), nn.GELU(), nn.Linear(384, 256),
+                         nn.LayerNorm(256)).cuda()
+
+
+def groups(model, gap=4):
+    return [{"params": [p for p in model.parameters() if p.dim() == 2], "rank": 32, "update_proj_gap": gap},
+            {"params": [p for p in model.parameters() if p.dim() != 2]}]
+
+
+def data(n):
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    return [torch.randn(64, 256, device="cuda", generator=gen) for _ in range(n)]
+
+
+def test_multi_step_triton_matches_reference():
+    torch.set_float32_matmul_precision("highest")
+    model_t, model_r = small_model(), small_model()
+    opt_t = GaLoreAdamW(groups(model_t), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
+    opt_r = GaLoreAdamW(groups(model_r), lr=1e-3, weight_decay=0.01, backend="reference", seed=1)
+    for x in data(10):
+        for model, opt in ((model_t, opt_t), (model_r, opt_r)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p_t, p_r in zip(model_t.parameters(), model_r.parameters()):
+        assert float((p_t - p_r).norm() / p_r.norm()) < 1e-4
+
+
+def test_cuda_graph_replay_equals_eager_steps():
+    from galore_kernels.graphs import GraphedStep
+
+    model_g, model_e = small_model(), small_model()
+    opt_g = GaLoreAdamW(groups(model_g), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
+    opt_e = GaLoreAdamW(groups(model_e), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: 1.0 / (1 + s))  # lr changes every step
+    sched_e = torch.optim.lr_scheduler.LambdaLR(opt_e, lambda s: 1.0 / (1 + s))
+    graphed = GraphedStep(opt_g)
+    for x in data(12):
+        model_g(x).square().mean().backward()
+        graphed()
+        opt_g.zero_grad(set_to_none=False)
+        sched_g.step()
+        model_e(x).square().mean().backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=False)
+        sched_e.step()
+    torch.cuda.synchronize()
+    assert graphed.replays >= 6 and graphed.eager_steps >= 3  # refresh steps (gap 4) ran eagerly
+    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
+        assert torch.equal(p_g, p_e)
+    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
+        assert opt_g.state[p_g]["step"] == opt_e.state[p_e]["step"] == 12
+        assert torch.equal(opt_g.state[p_g]["exp_avg"], opt_e.state[p_e]["exp_avg"])
+

@@ -1,0 +1,176 @@
+"""The fused step's kernels against float64 references: odd shapes, ranks 8 and 16, both sides,
+fp32/bf16/fp16, weight decay on and off, the first and a later step, outputs poisoned first."""
+import zlib
+
+import pytest
+import torch
+
+from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bucket_step64, bucket_step_torch,
+                           make_bucket, relative_error, step_size, update_error)
+
+from galore_kernels.triton_ops.adam import dense_adamw_triton, lowrank_adam_triton
+from galore_kernels.triton_ops.nonfinite import nonfinite_flags_triton
+from galore_kernels.triton_ops.project import lowrank_project_triton
+from galore_kernels.triton_ops.step import dense_adamw_step_triton, galore_adamw_step_triton
+
+SHAPES = [(33, 65), (65, 33), (48, 80)]
+LR = 0.1
+
+
+def run_bucket(b, lr, weight_decay):
+    steps = torch.full((len(b.params),), b.steps_before, dtype=torch.int32)
+    galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps,
+                             torch.tensor([lr]), side=b.side, weight_decay=weight_decay, **HP)
+    return steps
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("steps_before", [0, 5])
+def test_galore_bucket_step_matches_float64(shape, rank, side, dtype, weight_decay, steps_before):
+    seed = zlib.crc32(repr((shape, rank, side, dtype, weight_decay, steps_before)).encode())
+    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=steps_before, seed=seed)
+    old = b.clone()
+    expected_w, expected_m, expected_v = bucket_step64(old, LR, weight_decay)
+    control = bucket_step_torch(old, LR, weight_decay)
+    steps = run_bucket(b, LR, weight_decay)
+    assert steps.tolist() == [steps_before + 1] * 2
+    for i in range(2):
+        err = update_error(b.params[i], old.params[i], expected_w[i])
+        control_err = update_error(control[i], old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[dtype], (i, err, control_err)
+        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
+        assert relative_error(b.exp_avg_sqs[i], expected_v[i]) <= MOMENT_TOL[dtype]
+        assert b.params[i].dtype == dtype and torch.isfinite(b.params[i]).all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fp16_bucket_step(side):
+    b = make_bucket((48, 80), 16, side, torch.float16, batch=3, steps_before=2, seed=11)
+    old = b.clone()
+    expected_w, _, _ = bucket_step64(old, LR, 0.1)
+    run_bucket(b, LR, 0.1)
+    for i in range(3):
+        assert update_error(b.params[i], old.params[i], expected_w[i]) <= UPDATE_TOL[torch.float16]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_writes_every_element(side, dtype):
+    b = make_bucket((65, 33), 8, side, dtype, batch=3, steps_before=1, seed=3)
+    low = b.exp_avgs[0].shape
+    out = torch.full((3, *low), float("nan"))
+    lowrank, nonfinite = lowrank_project_triton(b.grads, b.bases, side, 8, out=out)
+    assert lowrank is out and nonfinite.tolist() == [0, 0, 0]
+    for i in range(3):
+        g, p = b.grads[i].double(), b.bases[i].to(dtype).double()
+        expected = p.T @ g if side == "left" else g @ p.T
+        assert relative_error(out[i], expected) <= 1e-6
+
+
+def test_adam_phase_writes_every_element_and_scales():
+    gen = torch.Generator().manual_seed(5)
+    lowrank = torch.randn(2, 8, 33, generator=gen)
+    ms = [torch.randn(8, 33, generator=gen) for _ in range(2)]
+    vs = [torch.rand(8, 33, generator=gen) + 0.01 for _ in range(2)]
+    m0, v0 = [m.clone() for m in ms], [v.clone() for v in vs]
+    out = torch.full_like(lowrank, float("nan"))
+    steps = torch.tensor([0, 9], dtype=torch.int32)
+    lowrank_adam_triton(lowrank, ms, vs, steps, torch.tensor([0.01]), torch.zeros(2, dtype=torch.int32),
+                        beta1=0.9, beta2=0.999, eps=1e-6, scale=0.25, correct_bias=True, out=out)
+    for i, t in enumerate([1, 10]):
+        m = 0.9 * m0[i].double() + 0.1 * lowrank[i].double()
+        v = 0.999 * v0[i].double() + 0.001 * lowrank[i].double() ** 2
+        n = m / (v.sqrt() + 1e-6) * step_size(0.01, t) * 0.25
+        assert relative_error(out[i], n) <= 1e-6
+        assert relative_error(ms[i], m) <= 1e-6 and relative_error(vs[i], v) <= 1e-6
+
+
+def test_no_bias_correction_uses_plain_lr():
+    lowrank = torch.randn(1, 4, 16)
+    m, v = [torch.zeros(4, 16)], [torch.zeros(4, 16)]
+    out = lowrank_adam_triton(lowrank, m, v, torch.tensor([3], dtype=torch.int32), torch.tensor([0.5]),
+                              torch.zeros(1, dtype=torch.int32), beta1=0.9, beta2=0.999, eps=1e-6, scale=1.0,
+                              correct_bias=False)
+    expected = (0.1 * lowrank[0].double()) / ((0.001 * lowrank[0].double() ** 2).sqrt() + 1e-6) * 0.5
+    assert relative_error(out[0], expected) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy, on the Inf/NaN
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_nonfinite_gradient_leaves_only_its_matrix_untouched(bad, side):
+    b = make_bucket((33, 65), 8, side, torch.float32, batch=3, steps_before=4, seed=7)
+    b.grads[1][5, 7] = bad
+    old = b.clone()
+    expected_w, expected_m, _ = bucket_step64(old, LR, 0.1)
+    steps = run_bucket(b, LR, 0.1)
+    assert steps.tolist() == [5, 5, 5]  # a masked step still counts (no host synchronisation)
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        assert torch.equal(getattr(b, key)[1], getattr(old, key)[1]), key
+    for i in (0, 2):
+        assert update_error(b.params[i], old.params[i], expected_w[i]) <= UPDATE_TOL[torch.float32]
+        assert relative_error(b.exp_avgs[i], expected_m[i]) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(33,), (65, 33), (7, 3, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_dense_bucket_step_matches_float64(shape, dtype, weight_decay):
+    gen = torch.Generator().manual_seed(len(shape) * 7 + int(weight_decay * 10))
+    params = [(torch.randn(shape, generator=gen) * 0.02).to(dtype) for _ in range(3)]
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+    ms = [torch.randn(shape, generator=gen) * 0.1 for _ in range(3)]
+    vs = [torch.rand(shape, generator=gen) * 0.01 + 1e-4 for _ in range(3)]
+    old = [x.clone() for x in params]
+    m0, v0 = [x.clone() for x in ms], [x.clone() for x in vs]
+    grads[2].view(-1)[0] = float("nan")
+    steps = torch.tensor([0, 3, 3], dtype=torch.int32)
+    dense_adamw_step_triton(params, grads, ms, vs, steps, torch.tensor([LR]), beta1=0.9, beta2=0.999, eps=1e-6,
+                            weight_decay=weight_decay)
+    assert steps.tolist() == [1, 4, 4]
+    for i, t in enumerate([1, 4]):
+        g = grads[i].double()
+        m = 0.9 * m0[i].double() + 0.1 * g
+        v = 0.999 * v0[i].double() + 0.001 * g * g
+        w = (old[i].double() - step_size(LR, t) * m / (v.sqrt() + 1e-6)) * (1 - LR * weight_decay)
+        assert update_error(params[i], old[i], w) <= UPDATE_TOL[dtype]
+        assert relative_error(ms[i], m) <= 1e-6
+    assert torch.equal(params[2], old[2]) and torch.equal(ms[2], m0[2]) and torch.equal(vs[2], v0[2])
+
+
+def test_nonfinite_flags():
+    xs = [torch.randn(300) for _ in range(4)]
+    xs[1][299] = float("inf")
+    xs[3][0] = float("nan")
+    assert nonfinite_flags_triton(xs).tolist() == [0, 1, 0, 1]
+
+
+def test_dense_phase_alone_respects_flags():
+    p, g = [torch.randn(40)], [torch.randn(40)]
+    m, v = [torch.zeros(40)], [torch.zeros(40)]
+    before = p[0].clone()
+    dense_adamw_triton(p, g, m, v, torch.zeros(1, dtype=torch.int32), torch.tensor([0.1]),
+                       torch.ones(1, dtype=torch.int32), beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1,
+                       correct_bias=True)
+    assert torch.equal(p[0], before) and torch.equal(m[0], torch.zeros(40))
+
+
+def test_bucket_rejects_mismatched_inputs():
+    b = make_bucket((33, 65), 8, "left", torch.float32, batch=2, steps_before=0, seed=1)
+    steps, lr = torch.zeros(2, dtype=torch.int32), torch.tensor([0.1])
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        galore_adamw_step_triton(b.params, [b.grads[0], b.grads[1][:, :64]], b.exp_avgs, b.exp_avg_sqs, b.bases,
+                                 steps, lr, side="left", weight_decay=0.0, **HP)
+    with pytest.raises(ValueError, match="not contiguous"):
+        galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs,
+                                 [b.bases[0], b.bases[1].T.contiguous().T], steps, lr, side="left", weight_decay=0.0, **HP)
+    with pytest.raises(ValueError, match="steps must be a contiguous int32"):
+        galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps.long(), lr,
+                                 side="left", weight_decay=0.0, **HP)
+    with pytest.raises(ValueError, match="'full' runs on the reference"):
+        galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps, lr,
+                                 side="full", weight_decay=0.0, **HP)

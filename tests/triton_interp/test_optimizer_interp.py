@@ -1,0 +1,158 @@
+"""GaLoreAdamW(backend="triton") against backend="reference", through Triton's interpreter on the CPU:
+multi-step runs with refreshes, both sides, rank-less parameters, a state_dict round trip in the
+middle (bitsandbytes' lockstep pattern), layer-wise mode, and the custom ops under opcheck/compile."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from galore_kernels import GaLoreAdamW, attach_layerwise, dispatch
+from galore_kernels.triton_ops import step as triton_step  # registers the custom ops
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    # 48x80 projects left, 80x48 and 33x33 right (std rule); the LayerNorm and biases are rank-less.
+    model = nn.Sequential(nn.Linear(80, 48), nn.Tanh(), nn.Linear(48, 80), nn.Tanh(), nn.Linear(80, 33),
+                          nn.Tanh(), nn.Linear(33, 33), nn.LayerNorm(33))
+    return model.to(dtype)
+
+
+def groups(model, **extra):
+    return [{"params": [p for p in model.parameters() if p.dim() == 2], "rank": 8, "update_proj_gap": 3,
+             "scale": 0.25, **extra},
+            {"params": [p for p in model.parameters() if p.dim() != 2]}]
+
+
+def batches(n, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 80, generator=gen).to(dtype) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x in data:
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+def max_rel_diff(a, b):
+    return max(float((x.detach().double() - y.detach().double()).norm() / y.detach().double().norm()) for x, y in zip(a, b))
+
+
+def test_auto_stays_on_the_reference_for_cpu_tensors():
+    assert dispatch.step_backend("auto", torch.device("cpu")).name == "reference"
+    assert dispatch.step_backend("triton", torch.device("cpu")).name == "triton"
+
+
+def test_triton_optimizer_tracks_reference_with_state_dict_round_trip():
+    data = batches(8)
+    model_t, model_r = make_model(), make_model()
+    opt_t = GaLoreAdamW(groups(model_t), lr=1e-2, weight_decay=0.01, backend="triton", seed=5)
+    opt_r = GaLoreAdamW(groups(model_r), lr=1e-2, weight_decay=0.01, backend="reference", seed=5)
+    train(model_t, opt_t, data[:4])
+    train(model_r, opt_r, data[:4])
+    # Round trip the Triton optimizer's state through a checkpoint into a fresh optimizer.
+    buffer = io.BytesIO()
+    torch.save(opt_t.state_dict(), buffer)
+    buffer.seek(0)
+    opt_t = GaLoreAdamW(groups(model_t), lr=1e-2, weight_decay=0.01, backend="triton", seed=5)
+    opt_t.load_state_dict(torch.load(buffer, weights_only=True))
+    train(model_t, opt_t, data[4:])
+    train(model_r, opt_r, data[4:])
+    assert max_rel_diff(list(model_t.parameters()), list(model_r.parameters())) < 1e-5
+    for p_t, p_r in zip(model_t.parameters(), model_r.parameters()):
+        s_t, s_r = opt_t.state[p_t], opt_r.state[p_r]
+        assert s_t["step"] == s_r["step"] == 8
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert max_rel_diff([s_t[key]], [s_r[key]]) < 1e-4, key
+
+
+def test_bf16_step_from_a_shared_state_matches_reference():
+    """bf16 trajectories part after a step or two (a flipped rounding of W is a large fraction of an
+    update, and the model amplifies it), so the bf16 optimizer is judged one step at a time: the
+    reference trains three steps, its state_dict loads into a Triton optimizer, and both take the
+    same fourth step (a refresh step on the galore weights, as update_proj_gap is 3)."""
+    data = batches(4, torch.bfloat16)
+    model_r = make_model(torch.bfloat16)
+    opt_r = GaLoreAdamW(groups(model_r), lr=1e-2, backend="reference")
+    train(model_r, opt_r, data[:3])
+    model_t = copy.deepcopy(model_r)
+    opt_t = GaLoreAdamW(groups(model_t), lr=1e-2, backend="triton")
+    opt_t.load_state_dict(opt_r.state_dict())
+    start = [p.detach().clone() for p in model_r.parameters()]
+    train(model_t, opt_t, data[3:])
+    train(model_r, opt_r, data[3:])
+    with torch.no_grad():
+        for p_t, p_r, s in zip(model_t.parameters(), model_r.parameters(), start):
+            moved_t, moved_r = p_t.double() - s.double(), p_r.double() - s.double()
+            # bf16 operands (Triton) vs float32 math (reference), then W rounded to bf16 by both.
+            assert float((moved_t - moved_r).norm()) <= 0.06 * float(moved_r.norm()) + 1e-6
+            assert p_t.dtype == torch.bfloat16
+
+
+def test_layerwise_triton_equals_standard_triton():
+    data = batches(6)
+    model_s, model_l = make_model(), make_model()
+    opt = GaLoreAdamW(groups(model_s), lr=1e-2, weight_decay=0.01, backend="triton", seed=2)
+    train(model_s, opt, data)
+    handle = attach_layerwise(model_l, groups(model_l), lr=1e-2, weight_decay=0.01, backend="triton", seed=2)
+    for x in data:
+        model_l(x).float().square().mean().backward()
+    handle.flush()
+    assert max_rel_diff(list(model_l.parameters()), list(model_s.parameters())) < 1e-5
+
+
+def _bucket_args():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(33, 20, generator=gen) * 0.02 for _ in range(2)]
+    grads = [torch.randn(33, 20, generator=gen) for _ in range(2)]
+    bases = [torch.linalg.qr(torch.randn(20, 4, generator=gen))[0].T.contiguous() for _ in range(2)]
+    ms = [torch.randn(33, 4, generator=gen) * 0.1 for _ in range(2)]
+    vs = [torch.rand(33, 4, generator=gen) * 0.01 for _ in range(2)]
+    return params, grads, ms, vs, bases, torch.tensor([2, 2], dtype=torch.int32), torch.tensor([0.1])
+
+
+def test_custom_ops_pass_opcheck():
+    params, grads, ms, vs, bases, steps, lr = _bucket_args()
+    torch.library.opcheck(torch.ops.galore_kernels.triton_galore_adamw_step,
+                          (params, grads, ms, vs, bases, steps, lr, "right", 0.9, 0.999, 1e-6, 0.01, 0.25, True))
+    torch.library.opcheck(torch.ops.galore_kernels.triton_dense_adamw_step,
+                          (params, grads, [m.new_zeros(33, 20) for m in ms], [v.new_zeros(33, 20) for v in vs],
+                           steps, lr, 0.9, 0.999, 1e-6, 0.01, True))
+
+
+def test_torch_compile_traces_the_step_op():
+    params, grads, ms, vs, bases, steps, lr = _bucket_args()
+    eager = copy.deepcopy((params, ms, vs, steps))
+
+    def step(params, grads, ms, vs, bases, steps, lr):
+        torch.ops.galore_kernels.triton_galore_adamw_step(params, grads, ms, vs, bases, steps, lr, "right", 0.9,
+                                                          0.999, 1e-6, 0.01, 0.25, True)
+
+    torch.compile(step, backend="aot_eager", fullgraph=True)(params, grads, ms, vs, bases, steps, lr)
+    triton_step.galore_adamw_step_triton(eager[0], grads, eager[1], eager[2], bases, eager[3], lr, side="right",
+                                         beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, scale=0.25)
+    for a, b in zip(params + ms + vs + [steps], eager[0] + eager[1] + eager[2] + [eager[3]]):
+        assert torch.equal(a, b)
+
+
+def test_exact_refresh_and_float64_parameters_take_the_fallbacks():
+    """Exact bases are column-major (LAPACK's layout, kept for galore-torch parity) and float64 has
+    no kernel: the Triton optimizer must still equal the reference on both."""
+    data = batches(4)
+    model_t, model_r = make_model(), make_model()
+    extra = nn.Parameter(torch.randn(33, 40, dtype=torch.float64))
+    extra_r = nn.Parameter(extra.detach().clone())
+    opt_t = GaLoreAdamW(groups(model_t, svd="exact") + [{"params": [extra], "rank": 4}], lr=1e-2, backend="triton")
+    opt_r = GaLoreAdamW(groups(model_r, svd="exact") + [{"params": [extra_r], "rank": 4}], lr=1e-2,
+                        backend="reference")
+    for x in data:
+        for model, opt, e in ((model_t, opt_t, extra), (model_r, opt_r, extra_r)):
+            opt.zero_grad()
+            (model(x).square().mean() + e.square().sum()).backward()
+            opt.step()
+    assert max_rel_diff(list(model_t.parameters()), list(model_r.parameters())) < 1e-5
+    assert torch.equal(extra, extra_r)  # float64: the reference ran for both

@@ -1,0 +1,118 @@
+"""Yardsticks for the Triton step kernels, shared by the interpreter tests (CPU, CI) and the GPU tests.
+
+The kernels round their matmul operands to the parameter's dtype (bf16/fp16 tensor-core operands;
+fp32 stays fp32) and accumulate in float32. ``bucket_step64`` computes the same step in float64
+with the same operand rounding, so a kernel's deviation from it is only float32 accumulation and
+the final rounding of the weight. ``bucket_step_torch`` is the same-precision torch control
+(flash-attention's rule): a kernel may not be much worse than torch computing in its precision.
+Nothing here calls the kernels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from helpers import generator
+
+HP = dict(beta1=0.9, beta2=0.999, eps=1e-6, scale=0.25)
+
+
+@dataclass
+class Bucket:
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    bases: list
+    steps_before: int
+    side: str
+
+    def clone(self) -> "Bucket":
+        c = lambda xs: [x.clone() for x in xs]  # noqa: E731
+        return Bucket(c(self.params), c(self.grads), c(self.exp_avgs), c(self.exp_avg_sqs), c(self.bases),
+                      self.steps_before, self.side)
+
+
+def make_bucket(shape, rank, side, dtype, batch, steps_before, seed, device="cpu", weight_scale=0.02) -> Bucket:
+    """Fresh random weights, gradients, orthonormal bases and (after step 0) moments; never zeros."""
+    gen = generator(seed)
+    m, n = shape
+    params, grads, ms, vs, bases = [], [], [], [], []
+    low = (rank, n) if side == "left" else (m, rank)
+    for _ in range(batch):
+        params.append((torch.randn(m, n, generator=gen) * weight_scale).to(dtype))
+        grads.append(torch.randn(m, n, generator=gen).to(dtype))
+        q = torch.linalg.qr(torch.randn(m if side == "left" else n, rank, generator=gen, dtype=torch.float64))[0]
+        bases.append((q if side == "left" else q.T).float().contiguous())
+        if steps_before == 0:
+            ms.append(torch.zeros(low)); vs.append(torch.zeros(low))
+        else:
+            ms.append(torch.randn(low, generator=gen) * 0.1)
+            vs.append(torch.rand(low, generator=gen) * 0.01 + 1e-4)
+    b = Bucket(params, grads, ms, vs, bases, steps_before, side)
+    if device != "cpu":
+        b = Bucket(*[[t.to(device) for t in xs] for xs in (params, grads, ms, vs, bases)], steps_before, side)
+    return b
+
+
+def step_size(lr: float, t: int) -> float:
+    return lr * math.sqrt(1 - HP["beta2"] ** t) / (1 - HP["beta1"] ** t)
+
+
+def bucket_step64(b: Bucket, lr: float, weight_decay: float) -> tuple[list, list, list]:
+    """(weights, exp_avgs, exp_avg_sqs) in float64 after one step, with the kernels' operand rounding."""
+    operand = b.params[0].dtype
+    t = b.steps_before + 1
+    ws, ms, vs = [], [], []
+    for w, g, m, v, basis in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases):
+        g64, p64 = g.to(operand).double(), basis.to(operand).double()
+        r = p64.T @ g64 if b.side == "left" else g64 @ p64.T
+        m64 = HP["beta1"] * m.double() + (1 - HP["beta1"]) * r
+        v64 = HP["beta2"] * v.double() + (1 - HP["beta2"]) * r * r
+        n64 = m64 / (v64.sqrt() + HP["eps"]) * (step_size(lr, t) * HP["scale"])
+        n64 = n64.float().to(operand).double()  # the kernel stores N in fp32 and feeds the dot in `operand`
+        back = p64 @ n64 if b.side == "left" else n64 @ p64
+        ws.append((w.double() - back) * (1 - lr * weight_decay))
+        ms.append(m64); vs.append(v64)
+    return ws, ms, vs
+
+
+def bucket_step_torch(b: Bucket, lr: float, weight_decay: float) -> list:
+    """The same-precision torch control: the step with torch matmuls in the parameter's dtype."""
+    operand = b.params[0].dtype
+    t = b.steps_before + 1
+    out = []
+    for w, g, m, v, basis in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases):
+        p = basis.to(operand)
+        r = (p.T @ g if b.side == "left" else g @ p.T).float()
+        m1 = HP["beta1"] * m + (1 - HP["beta1"]) * r
+        v1 = HP["beta2"] * v + (1 - HP["beta2"]) * r * r
+        n = (m1 / (v1.sqrt() + HP["eps"]) * (step_size(lr, t) * HP["scale"])).to(operand)
+        back = (p @ n if b.side == "left" else n @ p).float()
+        out.append(((w.float() - back) * (1 - lr * weight_decay)).to(w.dtype))
+    return out
+
+
+def update_error(new: Tensor, old: Tensor, expected64: Tensor) -> float:
+    """||(new - old) - (expected - old)|| / ||expected - old||: the error of the update itself (a
+    weight moves by a small fraction of itself, so an error relative to the weight would hide it)."""
+    delta64 = expected64 - old.double()
+    return float((new.double() - expected64).norm() / delta64.norm())
+
+
+def relative_error(x: Tensor, ref64: Tensor) -> float:
+    return float((x.double() - ref64).norm() / ref64.norm())
+
+
+# Stated tolerances. A kernel's update error must stay within CONTROL_FACTOR times the error of the
+# same-precision torch control (flash-attention's rule) plus UPDATE_TOL: the control carries the
+# conditioning of the draw (Adam's normalisation amplifies the rounding of tiny projected entries),
+# UPDATE_TOL the kernel's own rounding. fp32: float32 accumulation against float64. 16-bit: at most
+# half an ulp of the weight at the final rounding, small against the update at the test's weight
+# scale (0.02) and learning rate (0.1). Moments see float32 accumulation of exact products only.
+UPDATE_TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+MOMENT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+CONTROL_FACTOR = 2.0

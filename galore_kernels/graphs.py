@@ -31,28 +31,47 @@ class GraphedStep:
         self.optimizer = optimizer
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._fingerprint: Optional[tuple] = None
-        self._graph_buckets: list = []  # (device-step cache key, parameters) recorded in the graph
+        self._graph_buckets: list = []  # (device-step cache key, parameters, step tensor) in the graph
+        self._captured_grads: tuple = ()
+        self._eager_fingerprint: Optional[tuple] = None  # tensors right after the last eager step
+        self._replays_left = 0  # steady steps left before some parameter's refresh is due
         self.replays = 0  # steps served by the graph (for tests and logs)
         self.eager_steps = 0
 
     def __call__(self) -> None:
-        opt = self.optimizer
-        if not self._steady():
-            self._eager()
+        # Fast path: the captured graph stays valid for a known number of steps (until the first
+        # parameter's next refresh) while the gradients keep their storage and nothing else moved.
+        if (self.graph is not None and self._replays_left > 0 and self._grad_pointers() == self._captured_grads
+                and self._counts_in_step()):
+            self._replay()
             return
-        fingerprint = self._tensors_fingerprint()
-        if self.graph is None or fingerprint != self._fingerprint:
+        steady = self._steady()
+        fingerprint = self._tensors_fingerprint() if steady else None
+        if steady and self.graph is not None and fingerprint == self._fingerprint and self._counts_in_step():
+            self._replays_left = self._steady_steps()
+            self._replay()
+        elif steady and fingerprint == self._eager_fingerprint:
+            # The last call was an eager step over these very tensors: kernels compiled, pointer
+            # tables and device step counts cached. That is the warm-up a capture needs.
             self._capture()
-            self._fingerprint = self._tensors_fingerprint()
-        opt.fill_lr_buffers()
+            self._fingerprint, self._captured_grads = fingerprint, self._grad_pointers()
+            self._replays_left = self._steady_steps()
+            self._replay()
+        else:
+            self._eager()
+
+    def _replay(self) -> None:
+        self.optimizer.fill_lr_buffers()
         self.graph.replay()
         self._advance_host_steps()
+        self._replays_left -= 1
         self.replays += 1
 
     # ------------------------------------------------------------------------------ internals
     def _eager(self) -> None:
         self.optimizer.step()
         self.eager_steps += 1
+        self._eager_fingerprint = self._tensors_fingerprint() if self._steady() else None
 
     def _steady(self) -> bool:
         """True when every parameter with a gradient would be stepped by a CUDA bucket launch."""
@@ -67,6 +86,15 @@ class GraphedStep:
                 if "step" not in opt.state.get(p, {}) or not opt._bucketable(p, group):
                     return False
         return True
+
+    def _steady_steps(self) -> float:
+        opt = self.optimizer
+        return min((opt.steps_until_refresh(p) for g in opt.param_groups for p in g["params"] if p.grad is not None),
+                   default=0)
+
+    def _grad_pointers(self) -> tuple:
+        return tuple(p.grad.data_ptr() if p.grad is not None else 0
+                     for g in self.optimizer.param_groups for p in g["params"])
 
     def _tensors_fingerprint(self) -> tuple:
         opt = self.optimizer
@@ -105,13 +133,22 @@ class GraphedStep:
             opt._device_step_cache.update(saved_cache)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = graph
-        self._graph_buckets = list(opt._last_buckets)
+        self._graph_buckets = [(key, params, opt._device_step_cache[key][0]) for key, params in opt._last_buckets]
 
     def _advance_host_steps(self) -> None:
         """The replay advanced the device counts; keep the host counts (and the cache) in step."""
         opt = self.optimizer
-        for key, params in self._graph_buckets:
+        for key, params, steps in self._graph_buckets:
             for p in params:
                 opt.state[p]["step"] += 1
-            steps, host = opt._device_step_cache[key]
-            opt._device_step_cache[key] = (steps, tuple(h + 1 for h in host))
+            opt._device_step_cache[key] = (steps, tuple(opt.state[p]["step"] for p in params))
+
+    def _counts_in_step(self) -> bool:
+        """The graph's device step counts are still the optimizer's (no eager step, state load or
+        other change of the host counts since the last replay)."""
+        cache = self.optimizer._device_step_cache
+        for key, params, steps in self._graph_buckets:
+            entry = cache.get(key)
+            if entry is None or entry[0] is not steps or entry[1] != tuple(self.optimizer.state[p]["step"] for p in params):
+                return False
+        return True

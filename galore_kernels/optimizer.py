@@ -314,6 +314,20 @@ class GaLoreAdamW(Optimizer):
             return state["step"] >= state["next_refresh"]
         return (state["step"] + refresh_phase(group, position)) % group["update_proj_gap"] == 0
 
+    def steps_until_refresh(self, p: Tensor) -> float:
+        """How many steps of ``p``, this one included, run before one refreshes its basis (0 when
+        this one does; inf for a parameter without projection)."""
+        if self.side(p) is None:
+            return float("inf")
+        if self.refresh_due(p):
+            return 0
+        _, group, position = self.param_info(p)
+        step = self.state[p]["step"]
+        if group["refresh_policy"] == "adaptive":
+            return self.state[p]["next_refresh"] - step
+        gap = group["update_proj_gap"]
+        return (gap - (step + refresh_phase(group, position)) % gap) % gap
+
     def check_finite(self, p: Tensor, grad: Tensor) -> bool:
         """False (and one warning per parameter) when ``grad`` holds NaN or Inf."""
         if bool(torch.isfinite(grad).all()):

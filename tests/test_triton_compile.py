@@ -46,8 +46,8 @@ def test_project_kernel_compiles(side, config, dtype, precision):
                  **{k: "i32" for k in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], OPERAND=utils.TORCH_TO_TL[dtype],
-        PRECISION=precision, INTERPRETER=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
-        cfg.num_warps, cfg.num_stages)
+        PRECISION=precision, INTERPRETER=False, RANK_ON_M=side == "left", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
 @pytest.mark.parametrize("config, dtype, precision", list(gemm_variants()))
@@ -90,8 +90,8 @@ def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
                  **{k: "i32" for k in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compiled = compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=tl.float32, B_DTYPE=utils.TORCH_TO_TL[operand], OPERAND=utils.TORCH_TO_TL[operand],
-        PRECISION=precision, INTERPRETER=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
-        cfg.num_warps, cfg.num_stages)
+        PRECISION=precision, INTERPRETER=False, RANK_ON_M=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
     ptx = compiled.asm["ptx"]
     assert ("wgmma" in ptx) == tensor_cores and "mma.sync" not in ptx
     assert tensor_cores or "fma.rn.f32" in ptx

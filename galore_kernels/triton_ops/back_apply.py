@@ -90,7 +90,8 @@ def back_apply_triton(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
     _back_apply_kernel[grid](
         a_table, b_table, pointer_table(params, device), lr, nonfinite, m, n, rank, weight_decay,
-        W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(),
+        W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
+        INTERPRETER=interpreter_workarounds(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -38,15 +38,23 @@ def _lowrank_project_kernel(
     OPERAND: tl.constexpr,  # dtype both operands are cast to before tl.dot
     PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands ("ieee" or "tf32")
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
+    RANK_ON_M: tl.constexpr,  # True for left (R = P^T G), False for right (R = G Q^T)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = tl.program_id(1)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // tiles_n
-    pid_n = pid % tiles_n
+    # Programs that read the same slab of G run back to back, so G comes from HBM about once and
+    # its re-reads (one per tile along the rank) hit L2: the rank axis varies fastest.
+    if RANK_ON_M:  # left: R is r x n
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % tiles_m
+        pid_n = pid // tiles_m
+    else:  # right: R is m x r
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // tiles_n
+        pid_n = pid % tiles_n
     a_ptr = tl.load(a_table + batch).to(tl.pointer_type(A_DTYPE))
     b_ptr = tl.load(b_table + batch).to(tl.pointer_type(B_DTYPE))
 
@@ -110,7 +118,8 @@ def lowrank_project_triton(
     _lowrank_project_kernel[grid](
         a_table, b_table, out, nonfinite, M, N, K, sam, sak, sbk, sbn,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], OPERAND=TORCH_TO_TL[dtype],
-        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, nonfinite

@@ -103,10 +103,22 @@ ELEMENTWISE_WARPS = 4
 INTERPRETER_ELEMENTWISE_BLOCK = 256
 
 
+# Tuning knob for GPU sessions (benchmarks sweep it): "block_m,block_n,block_k,num_warps,num_stages"
+# replaces every GEMM configuration. Not for production use: only GEMM_CONFIGS are compile-tested.
+GEMM_CONFIG_ENV = "GALORE_KERNELS_GEMM_CONFIG"
+
+
 def gemm_config(out_rows: int, out_cols: int, operand_dtype: torch.dtype) -> GemmConfig:
     """Tile shape for a (out_rows x out_cols) output with a long reduction or K = rank."""
     if interpreting():
         return GEMM_CONFIGS["interpreter"]
+    override = os.environ.get(GEMM_CONFIG_ENV)
+    if override:
+        try:
+            return GemmConfig(*(int(v) for v in override.split(",")))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{GEMM_CONFIG_ENV}={override!r} must be five integers: "
+                             "block_m,block_n,block_k,num_warps,num_stages") from err
     bits = "16bit" if operand_dtype != torch.float32 else "fp32"
     wide = max(out_rows, out_cols) >= 1024 and min(out_rows, out_cols) >= 64
     return GEMM_CONFIGS[f"{'wide' if wide else 'square'}_{bits}"]

@@ -1,7 +1,7 @@
 // Randomized subspace refresh (DESIGN.md "Randomized subspace refresh"), composed of ATen ops.
 //
 // One implementation for every device: refresh_cpu.cpp and refresh_cuda.cu register it for their
-// dispatch keys and differ only in how the orthonormalisation fallbacks are decided (Fallback).
+// dispatch keys (a fallback level runs only when some batch entry needs it, see needs_fallback).
 // It reproduces galore_kernels/reference/refresh.py operation for operation, so the two agree to
 // rounding (bit for bit on the CPU, where the same ATen kernels run in the same order).
 //
@@ -33,16 +33,6 @@
 #include <tuple>
 
 namespace galore_kernels {
-
-// How orthonormalize() decides whether the fallbacks run.
-enum class Fallback {
-  // Compute a fallback only when some batch entry needs it: one host read of a device flag per
-  // fallback level (free on the CPU, a synchronisation on an accelerator).
-  kOnDemand,
-  // Compute every candidate for every entry and select per entry with at::where: no host round
-  // trip, at the price of always running the shifted CholeskyQR3 and Householder QR.
-  kAlways,
-};
 
 namespace detail {
 
@@ -118,8 +108,11 @@ inline at::Tensor near_identity(const at::Tensor& C) {  // (B, k, k) -> (B,) boo
   return C.sub(at::eye(k, C.options())).square().sum({-2, -1}).lt(kSecondGramTol2);  // NaN: false
 }
 
-inline bool needs_fallback(const at::Tensor& ok, Fallback fallback) {
-  return fallback == Fallback::kAlways || !ok.all().item<bool>();
+// Whether any batch entry needs the next fallback level. A fallback is computed only then: one host
+// read of a device flag per level and call (free on the CPU, a synchronisation on a GPU, where
+// computing every fallback for every entry would cost a Householder QR per power iteration).
+inline bool needs_fallback(const at::Tensor& ok) {
+  return !ok.all().item<bool>();
 }
 
 }  // namespace detail
@@ -172,18 +165,18 @@ inline void check_randomized_basis_inputs(const at::Tensor& G, const at::Tensor&
 // An orthonormal basis of Y's columns, (B, m, k) -> (B, m, k) float32: CholeskyQR2 in float64
 // (accepted on its second Gram), then for the entries where that failed shifted CholeskyQR3, then
 // Householder QR. Every entry comes out orthonormal, whatever its rank.
-inline at::Tensor orthonormalize(const at::Tensor& Y, Fallback fallback) {
+inline at::Tensor orthonormalize(const at::Tensor& Y) {
   using namespace detail;
   const at::Tensor Yd = Y.to(at::kDouble);
   at::Tensor Q1, ok1, C1, Q, ok2, C2;
   std::tie(Q1, ok1, C1) = cholesky_qr_pass(Yd, /*pivot_tol=*/0.0);
   std::tie(Q, ok2, C2) = cholesky_qr_pass(Q1, /*pivot_tol=*/0.0);
   at::Tensor ok = ok1.logical_and(ok2).logical_and(near_identity(C2));
-  if (needs_fallback(ok, fallback)) {
+  if (needs_fallback(ok)) {
     Q = at::where(batch_mask(ok), Q, cholesky_qr(cholesky_qr(shifted_cholesky_qr(Yd))));
     ok = is_orthonormal(Q);
   }
-  if (needs_fallback(ok, fallback)) {
+  if (needs_fallback(ok)) {
     Q = at::where(batch_mask(ok), Q, std::get<0>(at::linalg_qr(Yd)));
   }
   return Q.to(at::kFloat);
@@ -192,12 +185,12 @@ inline at::Tensor orthonormalize(const at::Tensor& Y, Fallback fallback) {
 // A well-conditioned basis of Y's columns for a power iteration, (B, m, k) float32 -> float32: one
 // CholeskyQR pass (float64 Gram, float32 product); the entries where it breaks down (a failed
 // Cholesky, a numerically dependent column, an overflow) get orthonormalize().
-inline at::Tensor power_basis(const at::Tensor& Y, Fallback fallback) {
+inline at::Tensor power_basis(const at::Tensor& Y) {
   using namespace detail;
   at::Tensor Q, ok, C;
   std::tie(Q, ok, C) = cholesky_qr_pass(Y, kPivotTol);
-  if (needs_fallback(ok, fallback)) {
-    Q = at::where(batch_mask(ok), Q, orthonormalize(Y, fallback));
+  if (needs_fallback(ok)) {
+    Q = at::where(batch_mask(ok), Q, orthonormalize(Y));
   }
   return Q;
 }
@@ -208,16 +201,16 @@ inline at::Tensor power_basis(const at::Tensor& Y, Fallback fallback) {
 // columns, so the top-rank left singular vectors of G Z Z^T are Q times the top eigenvectors of
 // R R^T: no k x n product B = Q^T G (one GEMM with G fewer). With niter = 0, B = Q^T G.
 inline at::Tensor randomized_basis(const at::Tensor& G_in, const at::Tensor& omega, int64_t rank,
-                                   int64_t niter, Fallback fallback) {
+                                   int64_t niter) {
   const at::Tensor G = G_in.to(at::kFloat);
   const at::Tensor Gt = G.mT();
   at::Tensor Y = at::matmul(G, omega.to(at::kFloat));
   for (int64_t i = 0; i < niter; ++i) {
-    const at::Tensor Q = power_basis(Y, fallback);
-    const at::Tensor Z = power_basis(at::matmul(Gt, Q), fallback);
+    const at::Tensor Q = power_basis(Y);
+    const at::Tensor Z = power_basis(at::matmul(Gt, Q));
     Y = at::matmul(G, Z);
   }
-  const at::Tensor Q = orthonormalize(Y, fallback);
+  const at::Tensor Q = orthonormalize(Y);
   const at::Tensor R = at::matmul(Q.mT(), niter > 0 ? Y : G).to(at::kDouble);  // (B, k, k) or (B, k, n)
   at::Tensor lam, U;
   std::tie(lam, U) = at::linalg_eigh(at::matmul(R, R.mT()));  // eigenvalues ascending
@@ -226,22 +219,20 @@ inline at::Tensor randomized_basis(const at::Tensor& G_in, const at::Tensor& ome
   return at::matmul(Q, top.to(at::kFloat));
 }
 
-// ---- entry points with validation, guards, and the device's fallback policy ----
+// ---- entry points with validation and guards ----
 
-template <Fallback kFallback>
-at::Tensor orthonormalize_op(const at::Tensor& Y) {
+inline at::Tensor orthonormalize_op(const at::Tensor& Y) {
   check_orthonormalize_inputs(Y);
   const c10::DeviceGuard device_guard(Y.device());
   const at::NoGradGuard no_grad;
-  return orthonormalize(Y, kFallback);
+  return orthonormalize(Y);
 }
 
-template <Fallback kFallback>
-at::Tensor randomized_basis_op(const at::Tensor& G, const at::Tensor& omega, int64_t rank, int64_t niter) {
+inline at::Tensor randomized_basis_op(const at::Tensor& G, const at::Tensor& omega, int64_t rank, int64_t niter) {
   check_randomized_basis_inputs(G, omega, rank, niter);
   const c10::DeviceGuard device_guard(G.device());
   const at::NoGradGuard no_grad;
-  return randomized_basis(G, omega, rank, niter, kFallback);
+  return randomized_basis(G, omega, rank, niter);
 }
 
 }  // namespace galore_kernels

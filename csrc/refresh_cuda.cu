@@ -1,13 +1,14 @@
-// CUDA implementation: every fallback candidate is computed and chosen per batch entry with
-// at::where, so deciding between CholeskyQR2, shifted CholeskyQR3 and Householder never reads a
-// device value on the host. (at::linalg_eigh still checks its solver's error codes, one
-// synchronisation per call, not per matrix.)
+// CUDA implementation: the shared ATen algorithm (refresh.h) on the current stream, with the
+// orthonormalisation fallbacks computed on demand. Deciding whether any batch entry needs a fallback
+// reads one device flag on the host per fallback level and call: a handful of synchronisations per
+// batched refresh (at::linalg_eigh checks its solver's error codes with one as well), never one per
+// matrix (computing every fallback for every entry instead would avoid those synchronisations but
+// run a Householder QR per power iteration: several milliseconds each at the anchor shapes).
 #include "refresh.h"
 
 #include <torch/library.h>
 
 TORCH_LIBRARY_IMPL(galore_kernels, CUDA, m) {
-  using galore_kernels::Fallback;
-  m.impl("orthonormalize", &galore_kernels::orthonormalize_op<Fallback::kAlways>);
-  m.impl("randomized_basis", &galore_kernels::randomized_basis_op<Fallback::kAlways>);
+  m.impl("orthonormalize", &galore_kernels::orthonormalize_op);
+  m.impl("randomized_basis", &galore_kernels::randomized_basis_op);
 }

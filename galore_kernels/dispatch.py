@@ -41,8 +41,8 @@ class StepBackend:
     project: Callable[..., torch.Tensor]  # signature of reference.project_reference
     project_back: Callable[..., torch.Tensor]  # signature of reference.project_back_reference
     # Whole-bucket steps (same-shape parameters in one launch each); None: step parameters one by one.
-    galore_bucket: Optional[Callable[..., None]] = None  # torch.ops.galore_kernels.triton_galore_adamw_step
-    dense_bucket: Optional[Callable[..., None]] = None  # torch.ops.galore_kernels.triton_dense_adamw_step
+    galore_bucket: Optional[Callable[..., None]] = None  # signature of torch.ops.galore_kernels.triton_galore_adamw_step
+    dense_bucket: Optional[Callable[..., None]] = None  # signature of torch.ops.galore_kernels.triton_dense_adamw_step
     bucket_dtypes: tuple = ()  # parameter dtypes the bucket steps take
 
 
@@ -162,8 +162,8 @@ def triton_step_backend() -> StepBackend:
         update=triton_step.update_triton,
         project=triton_step.project_triton,
         project_back=reference.project_back_reference,
-        galore_bucket=torch.ops.galore_kernels.triton_galore_adamw_step,
-        dense_bucket=torch.ops.galore_kernels.triton_dense_adamw_step,
+        galore_bucket=triton_step.galore_bucket_step,
+        dense_bucket=triton_step.dense_bucket_step,
         bucket_dtypes=(torch.float32, torch.bfloat16, torch.float16),
     )
 

@@ -33,6 +33,7 @@ class GraphedStep:
         self._fingerprint: Optional[tuple] = None
         self._graph_buckets: list = []  # (device-step cache key, parameters, step tensor) in the graph
         self._captured_grads: tuple = ()
+        self._captured_settings: Optional[tuple] = None
         self._eager_fingerprint: Optional[tuple] = None  # tensors right after the last eager step
         self._replays_left = 0  # steady steps left before some parameter's refresh is due
         self.replays = 0  # steps served by the graph (for tests and logs)
@@ -42,12 +43,13 @@ class GraphedStep:
         # Fast path: the captured graph stays valid for a known number of steps (until the first
         # parameter's next refresh) while the gradients keep their storage and nothing else moved.
         if (self.graph is not None and self._replays_left > 0 and self._grad_pointers() == self._captured_grads
-                and self._counts_in_step()):
+                and self._counts_in_step() and self._settings() == self._captured_settings):
             self._replay()
             return
         steady = self._steady()
         fingerprint = self._tensors_fingerprint() if steady else None
-        if steady and self.graph is not None and fingerprint == self._fingerprint and self._counts_in_step():
+        if (steady and self.graph is not None and fingerprint == self._fingerprint and self._counts_in_step()
+                and self._settings() == self._captured_settings):
             self._replays_left = self._steady_steps()
             self._replay()
         elif steady and fingerprint == self._eager_fingerprint:
@@ -55,6 +57,7 @@ class GraphedStep:
             # tables and device step counts cached. That is the warm-up a capture needs.
             self._capture()
             self._fingerprint, self._captured_grads = fingerprint, self._grad_pointers()
+            self._captured_settings = self._settings()
             self._replays_left = self._steady_steps()
             self._replay()
         else:
@@ -69,9 +72,22 @@ class GraphedStep:
 
     # ------------------------------------------------------------------------------ internals
     def _eager(self) -> None:
+        # Only a step that ran every parameter through the bucket launches leaves what a capture
+        # needs (device step counts, pointer tables, compiled kernels) for exactly those buckets; a
+        # refresh step may have stepped some parameters one at a time.
+        bucketed = self._steady()
         self.optimizer.step()
         self.eager_steps += 1
-        self._eager_fingerprint = self._tensors_fingerprint() if self._steady() else None
+        self._eager_fingerprint = self._tensors_fingerprint() if bucketed and self._steady() else None
+
+    def _settings(self) -> tuple:
+        """What the graph bakes in besides tensors: each group's constants (a float lr is refilled
+        before each replay; a tensor lr is read in place, so its identity counts) and torch's float32
+        matmul precision (it picks the compiled kernels)."""
+        groups = tuple((g["betas"], g["eps"], g["weight_decay"], g.get("scale"), g["correct_bias"],
+                        id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else None)
+                       for g in self.optimizer.param_groups)
+        return groups, torch.get_float32_matmul_precision()
 
     def _steady(self) -> bool:
         """True when every parameter with a gradient would be stepped by a CUDA bucket launch."""

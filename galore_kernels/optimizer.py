@@ -84,6 +84,7 @@ class GaLoreAdamW(Optimizer):
         self.backend = dispatch.requested_backend("step", backend)
         self.refresh_backend = dispatch.requested_backend("refresh", refresh_backend)
         self._param_info: Optional[dict[int, tuple[int, dict, int]]] = None
+        self._sides: dict[int, Optional[str]] = {}  # projection side per parameter, rebuilt with _param_info
         self._refreshed_this_step: set[int] = set()  # ids refreshed by a batched call in step()
         self._warned_nonfinite: set[int] = set()
         # Triton bucket steps: device step counts per bucket (with the host counts they match) and
@@ -117,6 +118,7 @@ class GaLoreAdamW(Optimizer):
         The index is the one ``state_dict()`` uses; it seeds the parameter's refresh sketches.
         """
         if self._param_info is None:
+            self._sides = {}
             info, index = {}, 0
             for group in self.param_groups:
                 for position, q in enumerate(group["params"]):
@@ -161,7 +163,7 @@ class GaLoreAdamW(Optimizer):
                 continue
             side = self.side(p)
             self._init_state(p, group)
-            key = (side, tuple(p.shape) if side else p.numel(), p.dtype, p.device)
+            key = (side, tuple(p.shape), p.dtype, p.device)
             buckets.setdefault(key, []).append(p)
         for (side, _, _, device), params in buckets.items():
             self._launch_bucket(group, side, device, params)
@@ -170,6 +172,8 @@ class GaLoreAdamW(Optimizer):
     def _bucketable(self, p: Tensor, group: dict) -> bool:
         grad, side = p.grad, self.side(p)
         if grad.is_sparse or grad.dtype != p.dtype or not (p.is_contiguous() and grad.is_contiguous()):
+            return False
+        if p.data_ptr() % 16 or grad.data_ptr() % 16:  # the kernels read 16-byte aligned rows
             return False
         if side is None:
             return True
@@ -299,8 +303,10 @@ class GaLoreAdamW(Optimizer):
         return tensors, scalars
 
     def side(self, p: Tensor):
-        _, group, _ = self.param_info(p)
-        return projection_side(tuple(p.shape), group["proj_type"]) if "rank" in group else None
+        if self._param_info is None or id(p) not in self._sides:
+            _, group, _ = self.param_info(p)
+            self._sides[id(p)] = projection_side(tuple(p.shape), group["proj_type"]) if "rank" in group else None
+        return self._sides[id(p)]
 
     def refresh_due(self, p: Tensor) -> bool:
         """Whether the next step of ``p`` refreshes its basis: at its first step, then (fixed policy)

@@ -5,10 +5,14 @@ dtype rules), and CI has no GPU: ``triton.compile`` with ``GPUTarget("cuda", 90,
 compiler down to a cubin here. The precision mapping of float32 matmuls is checked beside it.
 """
 import itertools
+import os
 
 import pytest
 import torch
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels cannot be compiled
+    pytest.skip("ahead-of-time compilation needs compiled (not interpreted) kernels: unset TRITON_INTERPRET",
+                allow_module_level=True)
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -43,7 +47,7 @@ def test_project_kernel_compiles(side, config, dtype, precision):
     cfg = DEVICE_CONFIGS[config]
     a_dtype, b_dtype = (torch.float32, dtype) if side == "left" else (dtype, torch.float32)
     signature = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                 **{k: "i32" for k in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
+                 **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], OPERAND=utils.TORCH_TO_TL[dtype],
         PRECISION=precision, INTERPRETER=False, RANK_ON_M=side == "left", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -87,7 +91,7 @@ def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
     the tensor cores (it would silently be TF32), so it is plain FMA."""
     cfg = DEVICE_CONFIGS["wide_16bit" if operand != torch.float32 else "wide_fp32"]
     signature = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                 **{k: "i32" for k in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
+                 **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compiled = compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=tl.float32, B_DTYPE=utils.TORCH_TO_TL[operand], OPERAND=utils.TORCH_TO_TL[operand],
         PRECISION=precision, INTERPRETER=False, RANK_ON_M=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -99,8 +103,8 @@ def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
 
 def test_launchers_pick_only_compiled_configs():
     shapes = [(m, n) for m, n in itertools.product([8, 64, 512, 1024, 4096, 11008], repeat=2)]
-    for (m, n), dtype in itertools.product(shapes, utils.SUPPORTED_DTYPES):
-        assert utils.gemm_config(m, n, dtype) in DEVICE_CONFIGS.values()
+    for (m, n), dtype, batch in itertools.product(shapes, utils.SUPPORTED_DTYPES, [1, 4, 96]):
+        assert utils.gemm_config(m, n, dtype, batch) in DEVICE_CONFIGS.values()
 
 
 @pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, elementwise_block, interpreter_workarounds, pointer_table,
-                    stacked_table, to_dtype)
+from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
+                    load_pointer, pointer_table, stacked_scratch, stacked_table, to_dtype)
 
 
 @triton.jit
@@ -67,10 +67,10 @@ def _adam_kernel(
         t = (tl.load(steps_ptr + batch) + 1).to(tl.float32)
         step_size = lr * tl.sqrt(_one_minus_pow(t, log_beta2)) / _one_minus_pow(t, log_beta1)
 
-    grad_ptr = tl.load(grad_table + batch).to(tl.pointer_type(GRAD_DTYPE))
-    m_ptr = tl.load(exp_avg_table + batch).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(exp_avg_sq_table + batch).to(tl.pointer_type(tl.float32))
-    out_ptr = tl.load(out_table + batch).to(tl.pointer_type(OUT_DTYPE))
+    grad_ptr = load_pointer(grad_table, batch, GRAD_DTYPE)
+    m_ptr = load_pointer(exp_avg_table, batch, tl.float32)
+    v_ptr = load_pointer(exp_avg_sq_table, batch, tl.float32)
+    out_ptr = load_pointer(out_table, batch, OUT_DTYPE)
     g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=inside, other=0.0)
     v = tl.load(v_ptr + offs, mask=inside, other=0.0)
@@ -115,11 +115,12 @@ def lowrank_adam_triton(
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, beta1: float, beta2: float, eps: float, scale: float, correct_bias: bool,
-    out: Optional[Tensor] = None,  # like lowrank; allocated if None
+    out: Optional[Tensor] = None,  # like lowrank (utils.stacked_scratch); allocated if None
 ) -> Tensor:  # N: (B, a, b) float32, already multiplied by the step size and scale
-    if out is not None and (out.shape != lowrank.shape or out.dtype != torch.float32 or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(lowrank.shape)}.")
-    normalized = torch.empty_like(lowrank) if out is None else out
+    check_stacked("lowrank", lowrank, tuple(lowrank.shape))
+    if out is not None:
+        check_stacked("out", out, tuple(lowrank.shape))
+    normalized = stacked_scratch(*lowrank.shape, lowrank.device) if out is None else out
     _launch(stacked_table(lowrank), exp_avgs, exp_avg_sqs, stacked_table(normalized), steps, lr,
             nonfinite, lowrank[0].numel(), torch.float32, torch.float32, False, beta1, beta2, eps,
             0.0, scale, correct_bias)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import TORCH_TO_TL, dot_precision, gemm_config, pointer_table, stacked_table, dot_operand, interpreter_workarounds, to_dtype
+from .utils import (TORCH_TO_TL, dot_operand, dot_precision, gemm_config, interpreter_workarounds, load_pointer,
+                    pointer_table, stacked_table, to_dtype)
 
 
 @triton.jit
@@ -44,9 +45,9 @@ def _back_apply_kernel(
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
     # Both operands are float32 and row-major: A is M x K, B is K x N.
-    a_ptr = tl.load(a_table + batch).to(tl.pointer_type(tl.float32))
-    b_ptr = tl.load(b_table + batch).to(tl.pointer_type(tl.float32))
-    w_ptr = tl.load(w_table + batch).to(tl.pointer_type(W_DTYPE))
+    a_ptr = load_pointer(a_table, batch, tl.float32)
+    b_ptr = load_pointer(b_table, batch, tl.float32)
+    w_ptr = load_pointer(w_table, batch, W_DTYPE)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,7 +87,7 @@ def back_apply_triton(
     rank = normalized.shape[1] if side == "left" else normalized.shape[2]
     basis_table, n_table = pointer_table(bases, device), stacked_table(normalized)
     a_table, b_table = (basis_table, n_table) if side == "left" else (n_table, basis_table)
-    cfg = gemm_config(m, n, dtype)
+    cfg = gemm_config(m, n, dtype, len(params))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
     _back_apply_kernel[grid](
         a_table, b_table, pointer_table(params, device), lr, nonfinite, m, n, rank, weight_decay,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import ELEMENTWISE_WARPS, TORCH_TO_TL, elementwise_block, pointer_table
+from .utils import ELEMENTWISE_WARPS, TORCH_TO_TL, elementwise_block, load_pointer, pointer_table
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _nonfinite_kernel(
 ):
     batch = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ptr = tl.load(table + batch).to(tl.pointer_type(DTYPE))
+    ptr = load_pointer(table, batch, DTYPE)
     x = tl.load(ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     bad = (x != x) | (tl.abs(x) == float("inf"))
     tl.atomic_max(nonfinite_ptr + batch, tl.max(bad.to(tl.int32), axis=0))

@@ -17,15 +17,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import TORCH_TO_TL, dot_precision, gemm_config, pointer_table, dot_operand, interpreter_workarounds
+from .utils import (TORCH_TO_TL, check_stacked, dot_operand, dot_precision, gemm_config, interpreter_workarounds,
+                    load_pointer, pointer_table, stacked_scratch)
 
 
 @triton.jit
 def _lowrank_project_kernel(
     a_table,  # (B,) int64: A operand of each product (P^T for left, G for right)
     b_table,  # (B,) int64: B operand (G for left, Q^T for right)
-    out_ptr,  # (B, M, N) float32, stacked R
+    out_ptr,  # (B, M, N) float32, stacked R (slices contiguous, out_batch_stride apart)
     nonfinite_ptr,  # (B,) int32, zeroed by the launcher; set to 1 where R holds Inf/NaN
+    out_batch_stride,
     M,
     N,
     K,
@@ -55,8 +57,8 @@ def _lowrank_project_kernel(
         tiles_n = tl.cdiv(N, BLOCK_N)
         pid_m = pid // tiles_n
         pid_n = pid % tiles_n
-    a_ptr = tl.load(a_table + batch).to(tl.pointer_type(A_DTYPE))
-    b_ptr = tl.load(b_table + batch).to(tl.pointer_type(B_DTYPE))
+    a_ptr = load_pointer(a_table, batch, A_DTYPE)
+    b_ptr = load_pointer(b_table, batch, B_DTYPE)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,7 +81,7 @@ def _lowrank_project_kernel(
         acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
 
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out = out_ptr + batch.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
+    out = out_ptr + batch.to(tl.int64) * out_batch_stride + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc, mask=inside)
     bad = ((acc != acc) | (tl.abs(acc) == float("inf"))) & inside
     tl.atomic_max(nonfinite_ptr + batch, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0))
@@ -100,23 +102,23 @@ def lowrank_project_triton(
     bases: Sequence[Tensor],  # B x (m, r) for left, B x (r, n) for right; float32
     side: str,
     rank: int,
-    out: Optional[Tensor] = None,  # (B, r, n) or (B, m, r) float32, contiguous; allocated if None
+    out: Optional[Tensor] = None,  # (B, r, n) or (B, m, r) float32 (utils.stacked_scratch); allocated if None
 ) -> tuple[Tensor, Tensor]:  # R: (B, r, n) or (B, m, r) float32; nonfinite: (B,) int32
     """Projects every gradient of a bucket in one launch."""
     device, dtype = grads[0].device, grads[0].dtype
     (M, N, K), (sam, sak), (sbk, sbn) = project_operands(side, tuple(grads[0].shape), rank)
     if out is None:
-        out = torch.empty((len(grads), M, N), dtype=torch.float32, device=device)
-    elif tuple(out.shape) != (len(grads), M, N) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {(len(grads), M, N)}, got {out.dtype} {tuple(out.shape)}.")
+        out = stacked_scratch(len(grads), M, N, device)
+    else:
+        check_stacked("out", out, (len(grads), M, N))
     nonfinite = torch.zeros(len(grads), dtype=torch.int32, device=device)
     basis_table, grad_table = pointer_table(bases, device), pointer_table(grads, device)
     a_table, b_table = (basis_table, grad_table) if side == "left" else (grad_table, basis_table)
     a_dtype, b_dtype = (torch.float32, dtype) if side == "left" else (dtype, torch.float32)
-    cfg = gemm_config(M, N, dtype)
+    cfg = gemm_config(M, N, dtype, len(grads))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), len(grads))
     _lowrank_project_kernel[grid](
-        a_table, b_table, out, nonfinite, M, N, K, sam, sak, sbk, sbn,
+        a_table, b_table, out, nonfinite, out.stride(0), M, N, K, sam, sak, sbk, sbn,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], OPERAND=TORCH_TO_TL[dtype],
         PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

@@ -25,7 +25,7 @@ from .adam import dense_adamw_triton, lowrank_adam_triton
 from .back_apply import back_apply_triton
 from .nonfinite import nonfinite_flags_triton
 from .project import lowrank_project_triton
-from .utils import SUPPORTED_DTYPES, check_bucket
+from .utils import SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
 
 
 def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> int:
@@ -141,11 +141,37 @@ def _dense_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, bet
     return None
 
 
+def galore_bucket_step(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
+                       weight_decay, scale, correct_bias) -> None:
+    """The bucket step for callers that hold a bucket (the optimizer): the custom op while
+    ``torch.compile`` traces, the launcher itself otherwise (the op's dispatch costs host time)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.galore_kernels.triton_galore_adamw_step(
+            params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps, weight_decay,
+            scale, correct_bias)
+    galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
+                             beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                             correct_bias=correct_bias)
+
+
+def dense_bucket_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                      correct_bias) -> None:
+    """Like :func:`galore_bucket_step`, for rank-less parameters."""
+    if torch.compiler.is_compiling():
+        return torch.ops.galore_kernels.triton_dense_adamw_step(
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, correct_bias)
+    dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, correct_bias=correct_bias)
+
+
 # ------------------------------------------------------------- single-parameter adapters (dispatch)
-def _device_scalars(step: int, lr: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The (steps, lr) device tensors for one parameter: two fills, no host-to-device copy."""
-    return (torch.full((1,), step - 1, dtype=torch.int32, device=device),
-            torch.full((1,), lr, dtype=torch.float32, device=device))
+def _device_scalars(step: int, lr, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (steps, lr) device tensors for one parameter: fills, no host-to-device copy (a tensor
+    ``lr`` is used as it is: reading it into a float would synchronise)."""
+    steps = torch.full((1,), step - 1, dtype=torch.int32, device=device)
+    if isinstance(lr, Tensor):
+        return steps, lr.reshape(1).to(device=device, dtype=torch.float32)
+    return steps, torch.full((1,), lr, dtype=torch.float32, device=device)
 
 
 def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -191,14 +217,16 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
     steps, lr_t = _device_scalars(step, lr, param.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
     basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
-    normalized = lowrank_adam_triton(lowrank_grad.float().contiguous().unsqueeze(0), [exp_avg], [exp_avg_sq],
-                                     steps, lr_t, nonfinite, beta1=beta1, beta2=beta2, eps=eps, scale=scale,
-                                     correct_bias=correct_bias)
+    lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
+    lowrank[0].copy_(lowrank_grad)
+    normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
+                                     beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias)
     back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay)
     return None
 
 
 def _fits(param: Tensor, grad: Tensor) -> bool:
-    """Whether the kernels take these tensors (contiguous, a supported dtype); else the reference runs."""
-    return (param.dtype in SUPPORTED_DTYPES and grad.dtype == param.dtype
-            and param.is_contiguous() and grad.is_contiguous())
+    """Whether the kernels take these tensors (contiguous, 16-byte aligned, a supported dtype); else
+    the reference runs."""
+    return (param.dtype in SUPPORTED_DTYPES and grad.dtype == param.dtype and param.is_contiguous()
+            and grad.is_contiguous() and aligned(param) and aligned(grad))

@@ -156,3 +156,29 @@ def test_exact_refresh_and_float64_parameters_take_the_fallbacks():
             opt.step()
     assert max_rel_diff(list(model_t.parameters()), list(model_r.parameters())) < 1e-5
     assert torch.equal(extra, extra_r)  # float64: the reference ran for both
+
+
+def test_rankless_parameters_of_equal_size_but_different_shapes_and_unaligned_views():
+    """Rank-less buckets are keyed by shape (the kernels check shapes), and a parameter that starts
+    at an address the kernels cannot promise 16-byte alignment for takes the reference path."""
+    gen = torch.Generator().manual_seed(0)
+    storage = torch.randn(1 + 33 * 20, generator=gen)
+
+    def params():
+        return [nn.Parameter(torch.randn(4, 8, generator=torch.Generator().manual_seed(1))),
+                nn.Parameter(torch.randn(32, generator=torch.Generator().manual_seed(2))),
+                nn.Parameter(storage[1:].view(33, 20).clone().as_strided((33, 20), (20, 1), 0))]
+
+    p_t, p_r = params(), params()
+    unaligned = torch.empty(1 + 33 * 20)[1:].view(33, 20)  # starts 4 bytes into its storage
+    unaligned.copy_(p_t[2].detach())
+    p_t[2] = nn.Parameter(unaligned)
+    assert p_t[2].data_ptr() % 16 != 0
+    opt_t = GaLoreAdamW([{"params": p_t[:2]}, {"params": [p_t[2]], "rank": 4}], lr=1e-2, backend="triton")
+    opt_r = GaLoreAdamW([{"params": p_r[:2]}, {"params": [p_r[2]], "rank": 4}], lr=1e-2, backend="reference")
+    for step in range(3):
+        for ps, opt in ((p_t, opt_t), (p_r, opt_r)):
+            opt.zero_grad()
+            sum((p * (step + 1)).sin().sum() for p in ps).backward()
+            opt.step()
+    assert max_rel_diff(p_t, p_r) < 1e-6

@@ -135,6 +135,18 @@ def _report():
     finish()
 
 
+def print_kernel_profile(method: str, step) -> None:
+    """Where the device time of a step goes: torch.profiler's CUDA kernel totals over 5 steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        C.sync()
+    print(f"\nkernel profile of {method} (5 steps):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_model_step(benchmark, method):
     reason = unavailable(method)
@@ -157,6 +169,8 @@ def test_model_step(benchmark, method):
         ms_loop, host_ms = C.time_loop(lambda i: step(), ROUNDS)
     row = dict(ms=round(C.median(times), 3), ms_min=round(min(times), 3), ms_loop=round(ms_loop, 3),
                host_ms_loop=round(host_ms, 3), rounds=ROUNDS, note=note)
+    if CUDA and method in ("triton_graphed", "torch_adamw_fused"):
+        print_kernel_profile(method, step)
     if method == "triton_graphed":
         row.update(replays=step.replays, eager_steps=step.eager_steps)
         note += f" (replays {step.replays}, eager steps {step.eager_steps})"

@@ -86,6 +86,7 @@ class GaLoreAdamW(Optimizer):
         self._param_info: Optional[dict[int, tuple[int, dict, int]]] = None
         self._sides: dict[int, Optional[str]] = {}  # projection side per parameter, rebuilt with _param_info
         self._refreshed_this_step: set[int] = set()  # ids refreshed by a batched call in step()
+        self._due_this_step: dict[int, bool] = {}  # refresh_due() answers of this step() (before refreshing)
         self._warned_nonfinite: set[int] = set()
         # Triton bucket steps: device step counts per bucket (with the host counts they match) and
         # per-group learning-rate buffers.
@@ -93,6 +94,7 @@ class GaLoreAdamW(Optimizer):
         self._lr_buffers: dict[tuple, Tensor] = {}
         self._last_buckets: list[tuple] = []  # (cache key, parameters) of the last step()'s bucket launches
         self._capturing = False  # set by galore_kernels.graphs while a CUDA graph records a step
+        self._backends: dict[torch.device, dispatch.StepBackend] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when a requested backend cannot run here.
@@ -141,6 +143,7 @@ class GaLoreAdamW(Optimizer):
                     self.step_param(p, p.grad)
         finally:
             self._refreshed_this_step.clear()
+            self._due_this_step.clear()
         return loss
 
     def _step_buckets(self, group: dict) -> list[Tensor]:
@@ -177,18 +180,26 @@ class GaLoreAdamW(Optimizer):
             return False
         if side is None:
             return True
-        return side != "full" and (id(p) in self._refreshed_this_step or not self.refresh_due(p))
+        if side == "full":
+            return False
+        if id(p) in self._refreshed_this_step:
+            return True
+        due = self._due_this_step.get(id(p))  # asked by _refresh_batched already this step
+        return not (self.refresh_due(p) if due is None else due)
 
     def _launch_bucket(self, group: dict, side, device: torch.device, params: list[Tensor]) -> None:
+        """One bucket's launches. ``validated=True`` skips the kernels' per-tensor checks: the bucket
+        key fixes shape, dtype and device, :meth:`_bucketable` contiguity and alignment, and the
+        state tensors are the optimizer's own (float32, contiguous; bases made contiguous here)."""
         states = [self.state[p] for p in params]
-        backend = dispatch.step_backend(self.backend, device)
+        backend = self._step_backend(params[0])
         steps = self._device_steps(params, states, device)
         lr = self._device_lr(group, device)
         beta1, beta2 = group["betas"]
         moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
         if side is None:
             backend.dense_bucket(params, [p.grad for p in params], *moments, steps, lr, beta1, beta2,
-                                 group["eps"], group["weight_decay"], group["correct_bias"])
+                                 group["eps"], group["weight_decay"], group["correct_bias"], validated=True)
         else:
             key = "proj_left" if side == "left" else "proj_right"
             for state in states:  # exact bases keep LAPACK's column-major layout; the kernels read rows
@@ -196,7 +207,7 @@ class GaLoreAdamW(Optimizer):
                     state[key] = state[key].contiguous()
             backend.galore_bucket(params, [p.grad for p in params], *moments, [state[key] for state in states],
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
-                                  group["scale"], group["correct_bias"])
+                                  group["scale"], group["correct_bias"], validated=True)
         for state in states:
             state["step"] += 1
         key = tuple(id(p) for p in params)
@@ -353,7 +364,10 @@ class GaLoreAdamW(Optimizer):
 
     # ----------------------------------------------------------------------------- internals
     def _step_backend(self, p: Tensor) -> dispatch.StepBackend:
-        return dispatch.step_backend(self.backend, p.device)
+        backend = self._backends.get(p.device)  # asked per parameter and step: keep it cheap
+        if backend is None:
+            backend = self._backends[p.device] = dispatch.step_backend(self.backend, p.device)
+        return backend
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -398,7 +412,10 @@ class GaLoreAdamW(Optimizer):
         buckets: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
             grad, side = p.grad, self.side(p)
-            if grad is None or grad.is_sparse or side == "full" or not self.refresh_due(p):
+            if grad is None or grad.is_sparse or side == "full":
+                continue
+            due = self._due_this_step[id(p)] = self.refresh_due(p)
+            if not due:
                 continue
             if not self.check_finite(p, grad):
                 continue

@@ -72,7 +72,14 @@ def galore_adamw_step_triton(
 ) -> None:
     """project -> low-rank Adam -> back-project -> apply for a bucket; a matrix whose gradient
     holds Inf/NaN keeps its weight and moments (its step still counts)."""
-    rank = _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side)
+    _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side)
+    _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
+                          weight_decay, scale, correct_bias)
+
+
+def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
+                          weight_decay, scale, correct_bias) -> None:
+    rank = bases[0].shape[1] if side == "left" else bases[0].shape[0]
     lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
     normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias)
@@ -102,6 +109,12 @@ def dense_adamw_step_triton(
     check_bucket("exp_avgs", exp_avgs, shape, torch.float32)
     check_bucket("exp_avg_sqs", exp_avg_sqs, shape, torch.float32)
     _check_scalars(steps, lr, params[0].device)
+    _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                         correct_bias)
+
+
+def _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                         correct_bias) -> None:
     nonfinite = nonfinite_flags_triton(grads)
     dense_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1, beta2=beta2,
                        eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
@@ -142,24 +155,32 @@ def _dense_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, bet
 
 
 def galore_bucket_step(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                       weight_decay, scale, correct_bias) -> None:
+                       weight_decay, scale, correct_bias, *, validated: bool = False) -> None:
     """The bucket step for callers that hold a bucket (the optimizer): the custom op while
-    ``torch.compile`` traces, the launcher itself otherwise (the op's dispatch costs host time)."""
+    ``torch.compile`` traces, the launcher itself otherwise (the op's dispatch costs host time).
+    ``validated=True`` (the caller guarantees shapes, dtypes, contiguity and alignment) skips the
+    per-tensor checks, a few microseconds per tensor and step."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_galore_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps, weight_decay,
             scale, correct_bias)
+    if validated:
+        return _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2,
+                                     eps, weight_decay, scale, correct_bias)
     galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                              correct_bias=correct_bias)
 
 
 def dense_bucket_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                      correct_bias) -> None:
+                      correct_bias, *, validated: bool = False) -> None:
     """Like :func:`galore_bucket_step`, for rank-less parameters."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_dense_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, correct_bias)
+    if validated:
+        return _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                                    weight_decay, correct_bias)
     dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
                             weight_decay=weight_decay, correct_bias=correct_bias)
 

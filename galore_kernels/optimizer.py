@@ -14,8 +14,9 @@ Differences from galore-torch, each on purpose:
   low-rank shape and gets it wrong when that is square).
 - A non-finite gradient skips that parameter's step entirely (weights, moments, basis and step
   count untouched), with one warning per parameter. On the Triton backend's bucket steps the check
-  runs on the device without a host synchronisation: weights and moments stay untouched, the step
-  still counts and no warning is shown (refresh steps still check on the host and warn).
+  runs on the device without a host synchronisation: weights and moments stay untouched and the step
+  still counts; masked updates are counted on the device and reported at the next refresh step
+  (see :meth:`GaLoreAdamW.nonfinite_skips`).
 
 Backends (``backend=``): ``reference`` (PyTorch, any device) or ``triton`` (fused kernels; CUDA, or
 CPU under ``TRITON_INTERPRET=1`` for tests); ``auto`` takes Triton for CUDA tensors. On Triton,
@@ -95,6 +96,9 @@ class GaLoreAdamW(Optimizer):
         self._last_buckets: list[tuple] = []  # (cache key, parameters) of the last step()'s bucket launches
         self._capturing = False  # set by galore_kernels.graphs while a CUDA graph records a step
         self._backends: dict[torch.device, dispatch.StepBackend] = {}
+        self._skip_counters: dict[tuple, tuple[list, Tensor]] = {}  # bucket key -> (params, (B,) int32)
+        self._operand_bases: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) -> (float32 basis, its 16-bit copy)
+        self._nonfinite_skips: dict[int, int] = {}  # parameter index -> masked bucket steps, as read
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when a requested backend cannot run here.
@@ -197,22 +201,62 @@ class GaLoreAdamW(Optimizer):
         lr = self._device_lr(group, device)
         beta1, beta2 = group["betas"]
         moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
+        skipped = self._skip_counter(tuple(id(p) for p in params), params, device)
         if side is None:
             backend.dense_bucket(params, [p.grad for p in params], *moments, steps, lr, beta1, beta2,
-                                 group["eps"], group["weight_decay"], group["correct_bias"], validated=True)
+                                 group["eps"], group["weight_decay"], group["correct_bias"], validated=True,
+                                 skipped=skipped)
         else:
             key = "proj_left" if side == "left" else "proj_right"
             for state in states:  # exact bases keep LAPACK's column-major layout; the kernels read rows
                 if not state[key].is_contiguous():
                     state[key] = state[key].contiguous()
-            backend.galore_bucket(params, [p.grad for p in params], *moments, [state[key] for state in states],
+            bases = [self._operand_basis(p, state[key]) for p, state in zip(params, states)]
+            backend.galore_bucket(params, [p.grad for p in params], *moments, bases,
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
-                                  group["scale"], group["correct_bias"], validated=True)
+                                  group["scale"], group["correct_bias"], validated=True, skipped=skipped)
         for state in states:
             state["step"] += 1
         key = tuple(id(p) for p in params)
         self._device_step_cache[key] = (steps, tuple(state["step"] for state in states))
         self._last_buckets.append((key, params))
+
+    def _operand_basis(self, p: Tensor, basis: Tensor) -> Tensor:
+        """The basis in the kernels' operand dtype: float32 for float32 weights; for bf16/fp16 weights
+        a copy in their dtype, made once per refresh (the state keeps the float32 basis), so the
+        tensor cores read it without a conversion. The kernels round it to that dtype anyway."""
+        if p.dtype == torch.float32:
+            return basis
+        cached = self._operand_bases.get(id(p))
+        if cached is None or cached[0] is not basis:
+            cached = self._operand_bases[id(p)] = (basis, basis.to(p.dtype))
+        return cached[1]
+
+    def _skip_counter(self, key: tuple, params: list[Tensor], device: torch.device) -> Tensor:
+        """The bucket's device counts of updates masked by the non-finite guard (read lazily)."""
+        entry = self._skip_counters.get(key)
+        if entry is None:
+            if self._capturing:
+                raise RuntimeError("GaLoreAdamW: a CUDA graph capture met a bucket with no skip counter; "
+                                   "run one eager step with the same gradients before capturing.")
+            entry = self._skip_counters[key] = (list(params), torch.zeros(len(params), dtype=torch.int32, device=device))
+        return entry[1]
+
+    def nonfinite_skips(self) -> dict[int, int]:
+        """Per parameter index, how many bucket steps (Triton backend) had their update masked because
+        the gradient held Inf/NaN; warns once per parameter that has any. Reads device counters, so it
+        synchronises: step() calls it only on steps that refresh (which synchronise anyway)."""
+        for params, counter in self._skip_counters.values():
+            counts = counter.tolist()
+            if not any(counts):
+                continue
+            counter.zero_()
+            for p, count in zip(params, counts):
+                if count:
+                    index = self.param_info(p)[0]
+                    self._nonfinite_skips[index] = self._nonfinite_skips.get(index, 0) + count
+                    self._warn_nonfinite(index, p, f"in {count} step(s) up to step {self.state[p]['step']}")
+        return dict(self._nonfinite_skips)
 
     def _device_steps(self, params: list[Tensor], states: list[dict], device: torch.device) -> Tensor:
         """The bucket's step counts as an int32 device tensor, which the kernels advance themselves.
@@ -350,17 +394,19 @@ class GaLoreAdamW(Optimizer):
         if bool(torch.isfinite(grad).all()):
             return True
         index, _, _ = self.param_info(p)
-        if index not in self._warned_nonfinite:
-            self._warned_nonfinite.add(index)
-            step = self.state.get(p, {}).get("step", 0)
-            warnings.warn(
-                f"GaLoreAdamW: parameter #{index} (shape {tuple(p.shape)}) has a non-finite gradient at "
-                f"step {step}; its update is skipped (weights, moments and basis unchanged). "
-                "Shown once per parameter.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self._warn_nonfinite(index, p, f"at step {self.state.get(p, {}).get('step', 0)}")
         return False
+
+    def _warn_nonfinite(self, index: int, p: Tensor, when: str) -> None:
+        if index in self._warned_nonfinite:
+            return
+        self._warned_nonfinite.add(index)
+        warnings.warn(
+            f"GaLoreAdamW: parameter #{index} (shape {tuple(p.shape)}) has a non-finite gradient {when}; "
+            "its update is skipped (weights, moments and basis unchanged). Shown once per parameter.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     # ----------------------------------------------------------------------------- internals
     def _step_backend(self, p: Tensor) -> dispatch.StepBackend:
@@ -421,6 +467,8 @@ class GaLoreAdamW(Optimizer):
                 continue
             key = (tuple(p.shape), side, grad.dtype, grad.device)
             buckets.setdefault(key, []).append(p)
+        if buckets and self._skip_counters:
+            self.nonfinite_skips()  # this step synchronises anyway: report masked bucket updates
         for (shape, side, dtype, device), params in buckets.items():
             per_chunk = max(1, BATCHED_REFRESH_BYTES // (params[0].grad.numel() * 4))
             for start in range(0, len(params), per_chunk):

@@ -41,11 +41,19 @@ def gemm_variants():
                 yield name, dtype, precision
 
 
+def basis_variants():
+    """GEMM variants times the basis dtype: float32 (any caller) or, for 16-bit parameters, their
+    own dtype (what the optimizer passes)."""
+    for config, dtype, precision in gemm_variants():
+        for basis in ([torch.float32] if dtype == torch.float32 else [torch.float32, dtype]):
+            yield config, dtype, precision, basis
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("config, dtype, precision", list(gemm_variants()))
-def test_project_kernel_compiles(side, config, dtype, precision):
+@pytest.mark.parametrize("config, dtype, precision, basis", list(basis_variants()))
+def test_project_kernel_compiles(side, config, dtype, precision, basis):
     cfg = DEVICE_CONFIGS[config]
-    a_dtype, b_dtype = (torch.float32, dtype) if side == "left" else (dtype, torch.float32)
+    a_dtype, b_dtype = (basis, dtype) if side == "left" else (dtype, basis)
     signature = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
                  **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compile_kernel(project._lowrank_project_kernel, signature, dict(
@@ -54,18 +62,22 @@ def test_project_kernel_compiles(side, config, dtype, precision):
         BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
-@pytest.mark.parametrize("config, dtype, precision", list(gemm_variants()))
-def test_back_apply_kernel_compiles(config, dtype, precision):
-    cfg = DEVICE_CONFIGS[config]
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("config, dtype, precision, basis", list(basis_variants()))
+def test_back_apply_kernel_compiles(side, config, dtype, precision, basis):
+    cfg = DEVICE_CONFIGS[config]  # N is always in the parameters' dtype
+    a_dtype, b_dtype = (basis, dtype) if side == "left" else (dtype, basis)
     signature = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
                  "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     compile_kernel(back_apply._back_apply_kernel, signature, dict(
-        W_DTYPE=utils.TORCH_TO_TL[dtype], OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, INTERPRETER=False,
+        A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype], OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, INTERPRETER=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
-ADAM_VARIANTS = [(False, torch.float32, bias) for bias in (True, False)] + [
-    (True, dtype, bias) for dtype in utils.SUPPORTED_DTYPES for bias in (True, False)]
+# Low-rank: the gradient operand is R (float32) and N comes out in the parameters' dtype; dense:
+# gradient and weight in the parameters' dtype.
+ADAM_VARIANTS = [(dense, dtype, bias) for dense in (False, True) for dtype in utils.SUPPORTED_DTYPES
+                 for bias in (True, False)]
 
 
 @pytest.mark.parametrize("dense, dtype, correct_bias", ADAM_VARIANTS)
@@ -74,7 +86,7 @@ def test_adam_kernel_compiles(dense, dtype, correct_bias):
                  "steps_ptr": "*i32", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32", "numel": "i32",
                  **{k: "fp32" for k in ("beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay", "scale")}}
     compile_kernel(adam._adam_kernel, signature, dict(
-        GRAD_DTYPE=utils.TORCH_TO_TL[dtype], OUT_DTYPE=utils.TORCH_TO_TL[dtype], DENSE=dense,
+        GRAD_DTYPE=utils.TORCH_TO_TL[dtype if dense else torch.float32], OUT_DTYPE=utils.TORCH_TO_TL[dtype], DENSE=dense,
         CORRECT_BIAS=correct_bias, INTERPRETER=False, BLOCK=utils.ELEMENTWISE_BLOCK), utils.ELEMENTWISE_WARPS)
 
 
@@ -116,3 +128,39 @@ def test_float32_matmul_precision_follows_torch(setting, expected):
         assert utils.dot_precision(torch.bfloat16) == "ieee"  # 16-bit operands: the flag is unused
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _ptx(kernel, signature: dict, constexprs: dict, divisible: tuple, num_warps=4, num_stages=3) -> str:
+    """PTX as the JIT would build it for real launches: the listed arguments marked 16-divisible
+    (Triton does that for aligned pointers and sizes), unit strides passed as constants."""
+    names = list(signature)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible}
+    source = triton.compiler.ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                                       constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+
+
+def test_16bit_operands_reach_the_tensor_cores_without_conversion():
+    """With N and the basis stored in bf16 (what the optimizer passes for bf16 weights) the GEMMs
+    load 16-byte vectors straight into shared memory and convert nothing but the weight in the
+    epilogue; with float32 operands every tile would go through registers to be converted."""
+    cfg = DEVICE_CONFIGS["wide_16bit"]
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    divisible = ("a_table", "b_table", "w_table", "lr_ptr", "nonfinite_ptr", "M", "N", "K")
+    conversions = {}
+    for operand in (tl.float32, tl.bfloat16):
+        ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
+            A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
+            INTERPRETER=False, **tiles), divisible)
+        assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx  # 16-byte asynchronous copies
+        conversions[operand] = ptx.count("cvt.rn.bf16x2.f32")
+    assert conversions[tl.bfloat16] < conversions[tl.float32] / 2, conversions
+    sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_ak", "stride_bk")}}
+    ptx = _ptx(project._lowrank_project_kernel, sig, dict(
+        A_DTYPE=tl.bfloat16, B_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee", INTERPRETER=False,
+        RANK_ON_M=True, stride_am=1, stride_bn=1, **tiles),
+        ("a_table", "b_table", "out_ptr", "nonfinite_ptr", "out_batch_stride", "M", "N", "K", "stride_ak", "stride_bk"))
+    assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx and "cvt.rn.bf16x2.f32" not in ptx

@@ -86,8 +86,8 @@ def _adam_kernel(
         w = tl.load(out_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         w = (w - step_size * normalized) * (1.0 - lr * weight_decay)
         tl.store(out_ptr + offs, to_dtype(w, OUT_DTYPE, INTERPRETER), mask=update)
-    else:
-        tl.store(out_ptr + offs, normalized * (step_size * scale), mask=inside)
+    else:  # N in the back-projection's operand dtype: the GEMM reads it without a conversion
+        tl.store(out_ptr + offs, to_dtype(normalized * (step_size * scale), OUT_DTYPE, INTERPRETER), mask=inside)
 
 
 def _log(beta: float) -> float:
@@ -115,14 +115,15 @@ def lowrank_adam_triton(
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, beta1: float, beta2: float, eps: float, scale: float, correct_bias: bool,
-    out: Optional[Tensor] = None,  # like lowrank (utils.stacked_scratch); allocated if None
-) -> Tensor:  # N: (B, a, b) float32, already multiplied by the step size and scale
+    out: Optional[Tensor] = None,  # like lowrank (utils.stacked_scratch) in out_dtype; allocated if None
+    out_dtype: torch.dtype = torch.float32,  # the back-projection's operand dtype
+) -> Tensor:  # N: (B, a, b) out_dtype, already multiplied by the step size and scale
     check_stacked("lowrank", lowrank, tuple(lowrank.shape))
     if out is not None:
-        check_stacked("out", out, tuple(lowrank.shape))
-    normalized = stacked_scratch(*lowrank.shape, lowrank.device) if out is None else out
+        check_stacked("out", out, tuple(lowrank.shape), out_dtype)
+    normalized = stacked_scratch(*lowrank.shape, lowrank.device, out_dtype) if out is None else out
     _launch(stacked_table(lowrank), exp_avgs, exp_avg_sqs, stacked_table(normalized), steps, lr,
-            nonfinite, lowrank[0].numel(), torch.float32, torch.float32, False, beta1, beta2, eps,
+            nonfinite, lowrank[0].numel(), torch.float32, out_dtype, False, beta1, beta2, eps,
             0.0, scale, correct_bias)
     return normalized
 

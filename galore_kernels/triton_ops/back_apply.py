@@ -31,6 +31,8 @@ def _back_apply_kernel(
     N,
     K,
     weight_decay,
+    A_DTYPE: tl.constexpr,
+    B_DTYPE: tl.constexpr,
     W_DTYPE: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -44,9 +46,10 @@ def _back_apply_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    # Both operands are float32 and row-major: A is M x K, B is K x N.
-    a_ptr = load_pointer(a_table, batch, tl.float32)
-    b_ptr = load_pointer(b_table, batch, tl.float32)
+    # Both operands are row-major, A is M x K and B is K x N; in the operand dtype they go to the
+    # tensor cores without a conversion in registers (the optimizer passes them so).
+    a_ptr = load_pointer(a_table, batch, A_DTYPE)
+    b_ptr = load_pointer(b_table, batch, B_DTYPE)
     w_ptr = load_pointer(w_table, batch, W_DTYPE)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,8 +79,8 @@ def _back_apply_kernel(
 
 def back_apply_triton(
     params: Sequence[Tensor],  # B x (m, n), one dtype, updated in place
-    normalized: Tensor,  # (B, r, n) left or (B, m, r) right, float32, step size and scale applied
-    bases: Sequence[Tensor],  # B x (m, r) left or B x (r, n) right, float32
+    normalized: Tensor,  # (B, r, n) left or (B, m, r) right, float32 or the params' dtype; step size and scale applied
+    bases: Sequence[Tensor],  # B x (m, r) left or B x (r, n) right, float32 or the params' dtype
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, side: str, weight_decay: float,
@@ -87,11 +90,12 @@ def back_apply_triton(
     rank = normalized.shape[1] if side == "left" else normalized.shape[2]
     basis_table, n_table = pointer_table(bases, device), stacked_table(normalized)
     a_table, b_table = (basis_table, n_table) if side == "left" else (n_table, basis_table)
+    a_dtype, b_dtype = (bases[0].dtype, normalized.dtype) if side == "left" else (normalized.dtype, bases[0].dtype)
     cfg = gemm_config(m, n, dtype, len(params))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
     _back_apply_kernel[grid](
         a_table, b_table, pointer_table(params, device), lr, nonfinite, m, n, rank, weight_decay,
-        W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
+        A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
         INTERPRETER=interpreter_workarounds(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

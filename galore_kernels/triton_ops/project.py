@@ -99,7 +99,7 @@ def project_operands(side: str, shape: tuple[int, int], rank: int) -> tuple[tupl
 
 def lowrank_project_triton(
     grads: Sequence[Tensor],  # B x (m, n), one dtype
-    bases: Sequence[Tensor],  # B x (m, r) for left, B x (r, n) for right; float32
+    bases: Sequence[Tensor],  # B x (m, r) for left, B x (r, n) for right; float32 or the gradients' dtype
     side: str,
     rank: int,
     out: Optional[Tensor] = None,  # (B, r, n) or (B, m, r) float32 (utils.stacked_scratch); allocated if None
@@ -114,7 +114,8 @@ def lowrank_project_triton(
     nonfinite = torch.zeros(len(grads), dtype=torch.int32, device=device)
     basis_table, grad_table = pointer_table(bases, device), pointer_table(grads, device)
     a_table, b_table = (basis_table, grad_table) if side == "left" else (grad_table, basis_table)
-    a_dtype, b_dtype = (torch.float32, dtype) if side == "left" else (dtype, torch.float32)
+    basis_dtype = bases[0].dtype  # float32, or the gradients' dtype (read without a conversion)
+    a_dtype, b_dtype = (basis_dtype, dtype) if side == "left" else (dtype, basis_dtype)
     cfg = gemm_config(M, N, dtype, len(grads))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), len(grads))
     _lowrank_project_kernel[grid](

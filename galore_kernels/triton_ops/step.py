@@ -44,7 +44,9 @@ def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr,
     m, n = shape
     check_bucket("params", params, shape, dtype)
     check_bucket("grads", grads, shape, dtype)
-    check_bucket("bases", bases, (m, rank) if side == "left" else (rank, n), torch.float32)
+    if bases[0].dtype not in (torch.float32, dtype):
+        raise ValueError(f"bases must be float32 or the parameters' dtype {dtype}, got {bases[0].dtype}.")
+    check_bucket("bases", bases, (m, rank) if side == "left" else (rank, n), bases[0].dtype)
     lowrank = (rank, n) if side == "left" else (m, rank)
     check_bucket("exp_avgs", exp_avgs, lowrank, torch.float32)
     check_bucket("exp_avg_sqs", exp_avg_sqs, lowrank, torch.float32)
@@ -64,7 +66,7 @@ def galore_adamw_step_triton(
     grads: Sequence[Tensor],  # B x (m, n), same dtype as params
     exp_avgs: Sequence[Tensor],  # B x (r, n) left / (m, r) right, float32, updated in place
     exp_avg_sqs: Sequence[Tensor],  # like exp_avgs
-    bases: Sequence[Tensor],  # B x (m, r) left / (r, n) right, float32
+    bases: Sequence[Tensor],  # B x (m, r) left / (r, n) right, float32 or the params' dtype (faster)
     steps: Tensor,  # (B,) int32 steps taken so far; incremented
     lr: Tensor,  # (1,) float32
     *, side: str, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
@@ -78,11 +80,14 @@ def galore_adamw_step_triton(
 
 
 def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                          weight_decay, scale, correct_bias) -> None:
+                          weight_decay, scale, correct_bias, skipped=None) -> None:
     rank = bases[0].shape[1] if side == "left" else bases[0].shape[0]
     lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
+    if skipped is not None:
+        skipped.add_(nonfinite)
     normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
-                                     beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias)
+                                     beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
+                                     out_dtype=params[0].dtype)
     back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay)
     steps.add_(1)
 
@@ -114,8 +119,10 @@ def dense_adamw_step_triton(
 
 
 def _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                         correct_bias) -> None:
+                         correct_bias, skipped=None) -> None:
     nonfinite = nonfinite_flags_triton(grads)
+    if skipped is not None:
+        skipped.add_(nonfinite)
     dense_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1, beta2=beta2,
                        eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
     steps.add_(1)
@@ -155,32 +162,34 @@ def _dense_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, bet
 
 
 def galore_bucket_step(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                       weight_decay, scale, correct_bias, *, validated: bool = False) -> None:
+                       weight_decay, scale, correct_bias, *, validated: bool = False,
+                       skipped: Optional[Tensor] = None) -> None:
     """The bucket step for callers that hold a bucket (the optimizer): the custom op while
     ``torch.compile`` traces, the launcher itself otherwise (the op's dispatch costs host time).
     ``validated=True`` (the caller guarantees shapes, dtypes, contiguity and alignment) skips the
-    per-tensor checks, a few microseconds per tensor and step."""
+    per-tensor checks, a few microseconds per tensor and step. ``skipped`` ((B,) int32, optional)
+    counts, per matrix, the steps whose update the non-finite guard masked (eager only)."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_galore_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps, weight_decay,
             scale, correct_bias)
     if validated:
         return _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2,
-                                     eps, weight_decay, scale, correct_bias)
+                                     eps, weight_decay, scale, correct_bias, skipped)
     galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                              correct_bias=correct_bias)
 
 
 def dense_bucket_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                      correct_bias, *, validated: bool = False) -> None:
+                      correct_bias, *, validated: bool = False, skipped: Optional[Tensor] = None) -> None:
     """Like :func:`galore_bucket_step`, for rank-less parameters."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_dense_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, correct_bias)
     if validated:
         return _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                                    weight_decay, correct_bias)
+                                    weight_decay, correct_bias, skipped)
     dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
                             weight_decay=weight_decay, correct_bias=correct_bias)
 
@@ -241,7 +250,8 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
     lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
     lowrank[0].copy_(lowrank_grad)
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
-                                     beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias)
+                                     beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
+                                     out_dtype=param.dtype)
     back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay)
     return None
 

@@ -206,21 +206,25 @@ def aligned(t: Tensor) -> bool:
     return t.data_ptr() % ALIGNMENT == 0
 
 
-def stacked_scratch(batch: int, rows: int, cols: int, device: torch.device) -> Tensor:  # (B, rows, cols) fp32
-    """Float32 scratch whose slices each start 16-byte aligned (each slice contiguous; the batch
-    stride is rounded up to 4 elements)."""
-    per = rows * cols
-    padded = -(-per // 4) * 4
-    return torch.empty((batch, padded), dtype=torch.float32, device=device)[:, :per].view(batch, rows, cols)
+def stacked_scratch(batch: int, rows: int, cols: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> Tensor:  # (B, rows, cols)
+    """Scratch whose slices each start 16-byte aligned (each slice contiguous; the batch stride is
+    rounded up to 16 bytes)."""
+    per, granule = rows * cols, ALIGNMENT // _element_size(dtype)
+    padded = -(-per // granule) * granule
+    return torch.empty((batch, padded), dtype=dtype, device=device)[:, :per].view(batch, rows, cols)
 
 
-def check_stacked(name: str, t: Tensor, shape: tuple) -> None:
-    """A stacked float32 scratch as stacked_scratch makes it (a contiguous tensor of 4k-element slices
-    qualifies)."""
-    if (tuple(t.shape) != tuple(shape) or t.dtype != torch.float32 or t.stride(-1) != 1
-            or t.stride(-2) != shape[-1] or t.stride(0) % 4 or not aligned(t)):
-        raise ValueError(f"{name} must be float32 of shape {tuple(shape)} with contiguous, 16-byte aligned slices "
+def check_stacked(name: str, t: Tensor, shape: tuple, dtype: torch.dtype = torch.float32) -> None:
+    """A stacked scratch as stacked_scratch makes it (a contiguous tensor of 16-byte slices qualifies)."""
+    if (tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.stride(-1) != 1 or t.stride(-2) != shape[-1]
+            or (t.stride(0) * t.element_size()) % ALIGNMENT or not aligned(t)):
+        raise ValueError(f"{name} must be {dtype} of shape {tuple(shape)} with contiguous, 16-byte aligned slices "
                          f"(see utils.stacked_scratch), got {t.dtype} {tuple(t.shape)} strides {t.stride()}.")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def check_bucket(name: str, tensors: Sequence[Tensor], shape: tuple, dtype: torch.dtype | None = None) -> None:

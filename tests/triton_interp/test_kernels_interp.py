@@ -174,3 +174,18 @@ def test_bucket_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="'full' runs on the reference"):
         galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps, lr,
                                  side="full", weight_decay=0.0, **HP)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_bases_give_the_same_step_as_float32_bases(side, dtype):
+    """The optimizer hands 16-bit weights their basis in their own dtype (no conversion in the
+    kernels); the kernels round a float32 basis to that dtype themselves: the same step, bit for bit."""
+    b32 = make_bucket((48, 80), 16, side, dtype, batch=2, steps_before=3, seed=21)
+    b16 = b32.clone()
+    b16.bases = [basis.to(dtype) for basis in b16.bases]
+    run_bucket(b32, LR, 0.1)
+    run_bucket(b16, LR, 0.1)
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for x, y in zip(getattr(b32, key), getattr(b16, key)):
+            assert torch.equal(x, y), key

@@ -182,3 +182,28 @@ def test_rankless_parameters_of_equal_size_but_different_shapes_and_unaligned_vi
             sum((p * (step + 1)).sin().sum() for p in ps).backward()
             opt.step()
     assert max_rel_diff(p_t, p_r) < 1e-6
+
+
+def test_masked_bucket_updates_are_counted_and_reported_once():
+    """The device-side guard cannot warn when it masks (no host synchronisation); the optimizer
+    counts masked updates on the device and reports them at the next refresh step (or on request)."""
+    model = make_model()
+    opt = GaLoreAdamW(groups(model), lr=1e-2, backend="triton")
+    weight = model[2].weight  # a projected weight (80x48, right)
+    data = batches(4)
+    for i, x in enumerate(data):  # steps 0..3; update_proj_gap 3: step 3 refreshes
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        if i in (1, 2):
+            weight.grad[0, 0] = float("nan")
+            before = weight.detach().clone()
+        if i == 3:
+            index = opt.param_info(weight)[0]
+            with pytest.warns(RuntimeWarning, match=rf"parameter #{index} .*non-finite gradient in 2 step\(s\)"):
+                opt.step()
+        else:
+            opt.step()
+        if i in (1, 2):
+            assert torch.equal(weight, before)  # masked on the device
+    assert opt.nonfinite_skips() == {index: 2}
+    assert opt.state[weight]["step"] == 4  # a masked bucket step still counts

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (TORCH_TO_TL, dot_operand, dot_precision, gemm_config, interpreter_workarounds, load_pointer,
-                    pointer_table, stacked_table, to_dtype)
+from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, load_pointer, pointer_table,
+                    stacked_table, tile_product, to_dtype)
 
 
 @triton.jit
@@ -54,17 +54,8 @@ def _back_apply_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(a_ptr + offs_m[:, None] * K + kk[None, :],
-                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * N + offs_n[None, :],
-                    mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        a = dot_operand(a, OPERAND, INTERPRETER)
-        b = dot_operand(b, OPERAND, INTERPRETER)
-        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+    acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
 
     finite = tl.load(nonfinite_ptr + batch) == 0
     decay = 1.0 - tl.load(lr_ptr) * weight_decay

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (TORCH_TO_TL, check_stacked, dot_operand, dot_precision, gemm_config, interpreter_workarounds,
-                    load_pointer, pointer_table, stacked_scratch)
+from .utils import (TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds, load_pointer,
+                    pointer_table, stacked_scratch, tile_product)
 
 
 @triton.jit
@@ -62,23 +62,8 @@ def _lowrank_project_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
-            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=(kk[:, None] < K) & (offs_n[None, :] < N),
-            other=0.0,
-        )
-        a = dot_operand(a, OPERAND, INTERPRETER)
-        b = dot_operand(b, OPERAND, INTERPRETER)
-        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+    acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                       OPERAND, PRECISION, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K)
 
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = out_ptr + batch.to(tl.int64) * out_batch_stride + offs_m[:, None] * N + offs_n[None, :]

@@ -87,6 +87,25 @@ def dot_operand(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
     return x
 
 
+@triton.jit
+def tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 OPERAND: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile of A @ B (A: M x K, B: K x N, any strides) over the whole reduction, the
+    operands rounded to OPERAND, float32 accumulation: (BLOCK_M, BLOCK_N) float32, zero outside."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(dot_operand(a, OPERAND, INTERPRETER), dot_operand(b, OPERAND, INTERPRETER), acc=acc,
+                     input_precision=PRECISION)
+    return acc
+
+
 # ------------------------------------------------------------------------------ launch configs
 @dataclass(frozen=True)
 class GemmConfig:

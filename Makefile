@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -q
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py Makefile CMakeLists.txt $(wildcard csrc/*)
+$(VENV)/.installed: setup.py pyproject.toml Makefile CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"

@@ -175,9 +175,12 @@ def build_step(method: str, m: int, n: int, r: int, dtype: torch.dtype, sets: li
         for s in sets:
             s["steps"] = torch.full((1,), 10, dtype=torch.int32, device=DEV)
 
+        for s in sets:  # what the optimizer passes: a 16-bit weight gets its basis in its own dtype
+            s["P_operand"] = s["P"] if dtype == torch.float32 else s["P"].to(dtype)
+
         def fn(i):
             s = sets[i % k]
-            galore_adamw_step_triton([s["W"]], [s["G"]], [s["M"]], [s["V"]], [s["P"]], s["steps"], lr,
+            galore_adamw_step_triton([s["W"]], [s["G"]], [s["M"]], [s["V"]], [s["P_operand"]], s["steps"], lr,
                                      side=side, correct_bias=True, **HP)
         return fn
     if method == "triton_graph":

@@ -28,6 +28,7 @@ def case(m: int, n: int, r: int, dtype: torch.dtype, precision: str) -> None:
     G = torch.randn(m, n, device="cuda").to(dtype)
     q = torch.linalg.qr(torch.randn(m if side == "left" else n, r, device="cuda"))[0]
     P = (q if side == "left" else q.T).contiguous()
+    P = P if dtype == torch.float32 else P.to(dtype)  # what the optimizer passes for 16-bit weights
     low = (r, n) if side == "left" else (m, r)
     M, V = torch.randn(low, device="cuda"), torch.rand(low, device="cuda")
     steps, lr = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.full((1,), 1e-3, device="cuda")

@@ -35,6 +35,7 @@ class GraphedStep:
         self._captured_grads: tuple = ()
         self._captured_settings: Optional[tuple] = None
         self._eager_fingerprint: Optional[tuple] = None  # tensors right after the last eager step
+        self._eager_seen = -1  # the optimizer's _step_calls after this object's last eager step
         self._replays_left = 0  # steady steps left before some parameter's refresh is due
         self.replays = 0  # steps served by the graph (for tests and logs)
         self.eager_steps = 0
@@ -42,17 +43,18 @@ class GraphedStep:
     def __call__(self) -> None:
         # Fast path: the captured graph stays valid for a known number of steps (until the first
         # parameter's next refresh) while the gradients keep their storage and nothing else moved.
-        if (self.graph is not None and self._replays_left > 0 and self._grad_pointers() == self._captured_grads
-                and self._counts_in_step() and self._settings() == self._captured_settings):
+        if (self.graph is not None and self._replays_left > 0 and self.optimizer._step_calls == self._eager_seen
+                and self._grad_pointers() == self._captured_grads and self._counts_in_step()
+                and self._settings() == self._captured_settings):
             self._replay()
             return
         steady = self._steady()
         fingerprint = self._tensors_fingerprint() if steady else None
         if (steady and self.graph is not None and fingerprint == self._fingerprint and self._counts_in_step()
-                and self._settings() == self._captured_settings):
+                and self.optimizer._step_calls == self._eager_seen and self._settings() == self._captured_settings):
             self._replays_left = self._steady_steps()
             self._replay()
-        elif steady and fingerprint == self._eager_fingerprint:
+        elif steady and fingerprint == self._eager_fingerprint and self.optimizer._step_calls == self._eager_seen:
             # The last call was an eager step over these very tensors: kernels compiled, pointer
             # tables and device step counts cached. That is the warm-up a capture needs.
             self._capture()
@@ -78,6 +80,7 @@ class GraphedStep:
         bucketed = self._steady()
         self.optimizer.step()
         self.eager_steps += 1
+        self._eager_seen = self.optimizer._step_calls  # a step or state load elsewhere changes it
         self._eager_fingerprint = self._tensors_fingerprint() if bucketed and self._steady() else None
 
     def _settings(self) -> tuple:

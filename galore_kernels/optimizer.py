@@ -95,10 +95,12 @@ class GaLoreAdamW(Optimizer):
         self._lr_buffers: dict[tuple, Tensor] = {}
         self._last_buckets: list[tuple] = []  # (cache key, parameters) of the last step()'s bucket launches
         self._capturing = False  # set by galore_kernels.graphs while a CUDA graph records a step
+        self._step_calls = 0  # step() calls that ran (not recorded into a graph), and state loads
         self._backends: dict[torch.device, dispatch.StepBackend] = {}
         self._skip_counters: dict[tuple, tuple[list, Tensor]] = {}  # bucket key -> (params, (B,) int32)
         self._operand_bases: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) -> (float32 basis, its 16-bit copy)
         self._nonfinite_skips: dict[int, int] = {}  # parameter index -> masked bucket steps, as read
+        self._reported_this_step = False
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when a requested backend cannot run here.
@@ -140,6 +142,8 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._capturing:
+            self._step_calls += 1  # GraphedStep replays only while no step ran outside it
         try:
             for group in self.param_groups:
                 self._refresh_batched(group)
@@ -148,6 +152,7 @@ class GaLoreAdamW(Optimizer):
         finally:
             self._refreshed_this_step.clear()
             self._due_this_step.clear()
+            self._reported_this_step = False
         return loss
 
     def _step_buckets(self, group: dict) -> list[Tensor]:
@@ -196,6 +201,12 @@ class GaLoreAdamW(Optimizer):
         key fixes shape, dtype and device, :meth:`_bucketable` contiguity and alignment, and the
         state tensors are the optimizer's own (float32, contiguous; bases made contiguous here)."""
         states = [self.state[p] for p in params]
+        lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), _rank(group, params[0]), side)
+        for p, state in zip(params, states):  # the validated launch trusts these shapes: check them here
+            if tuple(state["exp_avg"].shape) != lowrank:
+                raise RuntimeError(f"GaLoreAdamW: parameter #{self.param_info(p)[0]} has shape {tuple(p.shape)} but "
+                                   f"its moments are {tuple(state['exp_avg'].shape)} (was the parameter replaced "
+                                   "in place?); re-create the optimizer for the new shape.")
         backend = self._step_backend(params[0])
         steps = self._device_steps(params, states, device)
         lr = self._device_lr(group, device)
@@ -208,9 +219,12 @@ class GaLoreAdamW(Optimizer):
                                  skipped=skipped)
         else:
             key = "proj_left" if side == "left" else "proj_right"
-            for state in states:  # exact bases keep LAPACK's column-major layout; the kernels read rows
-                if not state[key].is_contiguous():
-                    state[key] = state[key].contiguous()
+            for state in states:
+                # Exact bases keep LAPACK's column-major layout, and a batched refresh returns views
+                # into one tensor that need not start 16-byte aligned: the kernels read aligned rows.
+                basis = state[key]
+                if not basis.is_contiguous() or basis.data_ptr() % 16:
+                    state[key] = basis.clone(memory_format=torch.contiguous_format)
             bases = [self._operand_basis(p, state[key]) for p, state in zip(params, states)]
             backend.galore_bucket(params, [p.grad for p in params], *moments, bases,
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
@@ -228,7 +242,7 @@ class GaLoreAdamW(Optimizer):
         if p.dtype == torch.float32:
             return basis
         cached = self._operand_bases.get(id(p))
-        if cached is None or cached[0] is not basis:
+        if cached is None or cached[0] is not basis or cached[1].dtype != p.dtype:
             cached = self._operand_bases[id(p)] = (basis, basis.to(p.dtype))
         return cached[1]
 
@@ -428,7 +442,14 @@ class GaLoreAdamW(Optimizer):
             state["refresh_count"] = 0
         return state
 
+    def _report_masked_updates(self) -> None:
+        """Once per step that refreshes (it synchronises anyway): warn about masked bucket updates."""
+        if self._skip_counters and not self._reported_this_step:
+            self._reported_this_step = True
+            self.nonfinite_skips()
+
     def _refresh(self, p: Tensor, grad: Tensor, group: dict, state: dict, index: int, side: str) -> None:
+        self._report_masked_updates()
         generator = None
         if group["svd"] == "randomized":
             generator = refresh_generator(group["seed"], index, state["refresh_count"], grad.device)
@@ -467,8 +488,6 @@ class GaLoreAdamW(Optimizer):
                 continue
             key = (tuple(p.shape), side, grad.dtype, grad.device)
             buckets.setdefault(key, []).append(p)
-        if buckets and self._skip_counters:
-            self.nonfinite_skips()  # this step synchronises anyway: report masked bucket updates
         for (shape, side, dtype, device), params in buckets.items():
             per_chunk = max(1, BATCHED_REFRESH_BYTES // (params[0].grad.numel() * 4))
             for start in range(0, len(params), per_chunk):
@@ -477,6 +496,7 @@ class GaLoreAdamW(Optimizer):
                     self._refresh_chunk(chunk, group, side, device)
 
     def _refresh_chunk(self, params: list[Tensor], group: dict, side: str, device: torch.device) -> None:
+        self._report_masked_updates()
         states = [self._init_state(p, group) for p in params]
         generators = [refresh_generator(group["seed"], self.param_info(p)[0], state["refresh_count"], device)
                       for p, state in zip(params, states)]
@@ -512,6 +532,7 @@ class GaLoreAdamW(Optimizer):
         """torch's loader casts every floating state tensor to its parameter's dtype; GaLore's moments
         and bases are float32 by design, so they are put back from the saved tensors unchanged."""
         super().load_state_dict(state_dict)
+        self._step_calls += 1  # invalidates a captured CUDA graph (GraphedStep)
         self._param_info = None  # the loader replaced the group dicts
         self._device_step_cache.clear()
         self._lr_buffers.clear()

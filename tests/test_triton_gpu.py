@@ -143,3 +143,62 @@ def test_cuda_graph_replay_equals_eager_steps():
         assert opt_g.state[p_g]["step"] == opt_e.state[p_e]["step"] == 12
         assert torch.equal(opt_g.state[p_g]["exp_avg"], opt_e.state[p_e]["exp_avg"])
 
+
+
+def same_shape_model(dtype, seed=0):
+    """Four same-shape square layers (one batched refresh, views into one tensor, odd rank) and a
+    LayerNorm, in ``dtype``: what bf16 training hands the bucket path."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(250, 250) for _ in range(4)]
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.GELU())], nn.LayerNorm(250)).cuda().to(dtype)
+
+
+def same_shape_groups(model):
+    return [{"params": [p for p in model.parameters() if p.dim() == 2], "rank": 31, "update_proj_gap": 4},
+            {"params": [p for p in model.parameters() if p.dim() != 2]}]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_graph_replay_equals_eager_for_same_shape_layers(dtype):
+    from galore_kernels.graphs import GraphedStep
+
+    model_g, model_e = same_shape_model(dtype), same_shape_model(dtype)
+    opt_g = GaLoreAdamW(same_shape_groups(model_g), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
+    opt_e = GaLoreAdamW(same_shape_groups(model_e), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
+    graphed = GraphedStep(opt_g)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(10):
+        x = torch.randn(32, 250, device="cuda", generator=gen).to(dtype)
+        for model, stepper, opt in ((model_g, graphed, opt_g), (model_e, opt_e.step, opt_e)):
+            model(x).float().square().mean().backward()
+            stepper()
+            opt.zero_grad(set_to_none=False)
+    torch.cuda.synchronize()
+    assert graphed.replays >= 3
+    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
+        assert torch.equal(p_g, p_e)
+
+
+def test_a_direct_step_between_graph_calls_forces_an_eager_step():
+    """A step() outside GraphedStep advances the counts the graph would replay from: the next call
+    must not replay (it would skip a due refresh or read a freed basis)."""
+    from galore_kernels.graphs import GraphedStep
+
+    model = same_shape_model(torch.float32)
+    opt = GaLoreAdamW(same_shape_groups(model), lr=1e-3, backend="triton", seed=1)
+    graphed = GraphedStep(opt)
+    x = torch.randn(32, 250, device="cuda")
+    for _ in range(3):
+        model(x).square().mean().backward()
+        graphed()
+        opt.zero_grad(set_to_none=False)
+    replays = graphed.replays
+    assert replays >= 1
+    model(x).square().mean().backward()
+    opt.step()  # outside the graph: step 3 -> 4, a refresh is due at step 4
+    opt.zero_grad(set_to_none=False)
+    model(x).square().mean().backward()
+    eager = graphed.eager_steps
+    graphed()
+    assert graphed.eager_steps == eager + 1 and graphed.replays == replays
+    assert all(opt.state[p]["step"] == 5 for p in model.parameters())

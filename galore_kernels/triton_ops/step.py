@@ -218,7 +218,7 @@ def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
         dense_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], steps, lr_t, beta1=beta1, beta2=beta2,
                                 eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         return None
-    basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
+    basis = _kernel_basis(proj_left if side == "left" else proj_right)
     galore_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], [basis], steps, lr_t, side=side,
                              beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                              correct_bias=correct_bias)
@@ -229,7 +229,7 @@ def project_triton(grad: Tensor, proj_left: Optional[Tensor], proj_right: Option
     """``reference.project_reference`` on the projection kernel."""
     if side == "full" or not _fits(grad, grad):
         return reference_step.project_reference(grad, proj_left, proj_right, side)
-    basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
+    basis = _kernel_basis(proj_left if side == "left" else proj_right)
     rank = basis.shape[1] if side == "left" else basis.shape[0]
     lowrank, _ = lowrank_project_triton([grad], [basis], side, rank)
     return lowrank[0]
@@ -246,7 +246,7 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
     steps, lr_t = _device_scalars(step, lr, param.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
-    basis = (proj_left if side == "left" else proj_right).contiguous()  # exact bases are column-major
+    basis = _kernel_basis(proj_left if side == "left" else proj_right)
     lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
     lowrank[0].copy_(lowrank_grad)
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
@@ -254,6 +254,14 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
                                      out_dtype=param.dtype)
     back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay)
     return None
+
+
+def _kernel_basis(basis: Tensor) -> Tensor:
+    """The basis as the kernels read it: contiguous and 16-byte aligned (exact bases are
+    column-major; a batched refresh returns views into one tensor that need not be aligned)."""
+    if basis.is_contiguous() and aligned(basis):
+        return basis
+    return basis.clone(memory_format=torch.contiguous_format)
 
 
 def _fits(param: Tensor, grad: Tensor) -> bool:

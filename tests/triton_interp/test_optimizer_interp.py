@@ -207,3 +207,41 @@ def test_masked_bucket_updates_are_counted_and_reported_once():
             assert torch.equal(weight, before)  # masked on the device
     assert opt.nonfinite_skips() == {index: 2}
     assert opt.state[weight]["step"] == 4  # a masked bucket step still counts
+
+
+def test_batched_refresh_views_with_odd_rank_reach_the_kernels_aligned():
+    """A batched refresh returns left bases as views into one (B, m, r) tensor; with m*r not a
+    multiple of 4 the second view is not 16-byte aligned, which the kernels' pointer hints forbid.
+    The optimizer re-copies such a basis (once per refresh) and matches the reference."""
+    def params():
+        gen = torch.Generator().manual_seed(3)
+        return [nn.Parameter(torch.randn(5, 12, generator=gen)) for _ in range(2)]
+
+    p_t, p_r = params(), params()
+    opt_t = GaLoreAdamW([{"params": p_t, "rank": 3, "update_proj_gap": 2}], lr=1e-2, backend="triton")
+    opt_r = GaLoreAdamW([{"params": p_r, "rank": 3, "update_proj_gap": 2}], lr=1e-2, backend="reference")
+    for step in range(4):
+        for ps, opt in ((p_t, opt_t), (p_r, opt_r)):
+            opt.zero_grad()
+            sum((p * (step + 1)).cos().sum() for p in ps).backward()
+            opt.step()
+        assert all(opt_t.state[p]["proj_left"].data_ptr() % 16 == 0 for p in p_t)
+    assert max_rel_diff(p_t, p_r) < 1e-5
+
+
+def test_masked_updates_are_reported_at_exact_refreshes_too():
+    model = make_model()
+    opt = GaLoreAdamW(groups(model, svd="exact"), lr=1e-2, backend="triton")
+    weight = model[2].weight
+    index = opt.param_info(weight)[0]
+    for i, x in enumerate(batches(4)):  # update_proj_gap 3: step 3 refreshes (exact, per parameter)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        if i == 1:
+            weight.grad[3, 3] = float("inf")
+        if i == 3:
+            with pytest.warns(RuntimeWarning, match=rf"parameter #{index} .*in 1 step\(s\)"):
+                opt.step()
+        else:
+            opt.step()
+    assert opt.nonfinite_skips() == {index: 1}

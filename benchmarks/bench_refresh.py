@@ -65,3 +65,39 @@ def test_refresh(benchmark, method, m, n, r):
     benchmark.extra_info.update(energy=round(energy, 5), device=str(DEVICE))
     print(f"\n{method:26s} {m}x{n} r{r}: energy {energy:.4f}")
     assert energy > 0.9 or method == "svd_lowrank_q=r+8"
+
+
+def interleaved(rounds: int = 8) -> None:
+    """All methods interleaved round by round in one process (the machine is shared: a neighbour's
+    load then hits every method alike). ``python benchmarks/bench_refresh.py [rounds]``; set the
+    thread count with OMP_NUM_THREADS. Prints median and min per method and the ratio to linalg.svd."""
+    import statistics
+    import time
+
+    for m, n, r in SHAPES:
+        G, s = spectrum_matrix(m, n)
+        fns = {method: refresh_fn(method, G, r) for method in METHODS}
+        for fn in fns.values():  # warm-up
+            fn()
+            sync()
+        times: dict = {method: [] for method in METHODS}
+        for _ in range(rounds):
+            for method, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[method].append(time.perf_counter() - start)
+        svd_med, svd_min = statistics.median(times["linalg.svd"]), min(times["linalg.svd"])
+        print(f"{m}x{n} r{r}, {torch.get_num_threads()} threads, {rounds} rounds, {DEVICE}")
+        for method, fn in fns.items():
+            P = fn()
+            energy = float(((P.double().T @ G.double()) ** 2).sum() / (s[:r] ** 2).sum())
+            med, low = statistics.median(times[method]), min(times[method])
+            print(f"  {method:26s} median {med * 1e3:8.1f} ms  min {low * 1e3:8.1f} ms  energy {energy:.4f}  "
+                  f"linalg.svd / this: {svd_med / med:5.1f}x (medians), {svd_min / low:5.1f}x (mins)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 8)

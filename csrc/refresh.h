@@ -46,6 +46,10 @@ constexpr double kSecondGramTol2 = 0.25;
 // this fraction of its column's squared norm, L_jj^2 / C_jj (the squared sine of the angle between
 // column j and the columns before it): below it the column is numerically dependent in float32.
 constexpr double kPivotTol = 1e-12;
+// The same test for a float32 Gram: L_jj^2 / C_jj >= 1 / cond^2, so 1e-6 admits sketch condition
+// numbers up to ~1e3, where the float32 Gram's relative error eps32 * cond^2 ~ 0.06 still leaves a
+// well-conditioned basis (cond(Q) ~ 1.1); beyond, the pass is redone with a float64 Gram.
+constexpr double kPivotTolFp32 = 1e-6;
 
 inline at::Tensor batch_mask(const at::Tensor& ok) {  // (B,) -> (B, 1, 1)
   return ok.unsqueeze(-1).unsqueeze(-1);
@@ -64,14 +68,15 @@ inline at::Tensor cholesky_qr(const at::Tensor& Y) {
   return cholesky_solve_or_nan(Y, at::matmul(Y.mT(), Y));
 }
 
-// One CholeskyQR pass with a float64 Gram, applied as a matrix product: Y L^-T with L L^T = Y^T Y,
-// in Y's dtype (float32 or float64). L^-T is formed explicitly (k x k, float64), so the m x k work
-// is two GEMMs (Gram and product) instead of a Gram and a triangular solve.
+// One CholeskyQR pass with a gram_dtype (float64 or float32) Gram, applied as a matrix product:
+// Y L^-T with L L^T = Y^T Y, in Y's dtype (float32 or float64). L^-T is formed explicitly (k x k), so
+// the m x k work is two GEMMs (Gram and product) instead of a Gram and a triangular solve.
 // Returns {Q, ok (B,) bool: the Cholesky succeeded and L^-T is finite in Y's dtype, C (the Gram)}.
 // With pivot_tol > 0, ok also needs min_j L_jj^2 / C_jj > pivot_tol.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr_pass(const at::Tensor& Y, double pivot_tol) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_qr_pass(const at::Tensor& Y, double pivot_tol,
+                                                                       at::ScalarType gram_dtype = at::kDouble) {
   const int64_t k = Y.size(-1);
-  const at::Tensor Yd = Y.to(at::kDouble);
+  const at::Tensor Yd = Y.to(gram_dtype);
   const at::Tensor C = at::matmul(Yd.mT(), Yd);
   at::Tensor L, info;
   std::tie(L, info) = at::linalg_cholesky_ex(C);
@@ -183,25 +188,63 @@ inline at::Tensor orthonormalize(const at::Tensor& Y) {
 }
 
 // A well-conditioned basis of Y's columns for a power iteration, (B, m, k) float32 -> float32: one
-// CholeskyQR pass (float64 Gram, float32 product); the entries where it breaks down (a failed
-// Cholesky, a numerically dependent column, an overflow) get orthonormalize().
+// CholeskyQR pass with a float32 Gram; the entries where it breaks down (a failed Cholesky, a pivot
+// ratio at or below kPivotTolFp32, an overflow) redo it with a float64 Gram, and those where that
+// breaks down too get orthonormalize().
 inline at::Tensor power_basis(const at::Tensor& Y) {
   using namespace detail;
   at::Tensor Q, ok, C;
-  std::tie(Q, ok, C) = cholesky_qr_pass(Y, kPivotTol);
+  std::tie(Q, ok, C) = cholesky_qr_pass(Y, kPivotTolFp32, at::kFloat);
   if (needs_fallback(ok)) {
-    Q = at::where(batch_mask(ok), Q, orthonormalize(Y));
+    at::Tensor Q64, ok64, C64;
+    std::tie(Q64, ok64, C64) = cholesky_qr_pass(Y, kPivotTol);
+    Q = at::where(batch_mask(ok), Q, Q64);
+    ok = ok.logical_or(ok64);
+    if (needs_fallback(ok)) {
+      Q = at::where(batch_mask(ok), Q, orthonormalize(Y));
+    }
   }
   return Q;
 }
 
+// Top-rank left singular vectors of Y (B, m, k) float32 from the eigenvectors of its float64 Gram,
+// P0 = Y V_top lam_top^-1/2, then one CholeskyQR pass of the m x rank P0 (float64 Gram).
+// Returns {P (B, m, rank) float32, ok (B,) bool: that pass was accepted, its Gram within the
+// CholeskyQR2 bound of I}.
+inline std::tuple<at::Tensor, at::Tensor> ritz_basis(const at::Tensor& Y, int64_t rank) {
+  using namespace detail;
+  const int64_t k = Y.size(-1);
+  const at::Tensor Yd = Y.to(at::kDouble);
+  at::Tensor lam, V;
+  std::tie(lam, V) = at::linalg_eigh(at::matmul(Yd.mT(), Yd));  // eigenvalues ascending
+  const at::Tensor top = V.slice(-1, k - rank, k).flip({-1});  // (B, k, rank), largest first
+  const at::Tensor scale = lam.slice(-1, k - rank, k).flip({-1}).sqrt().unsqueeze(-2);  // (B, 1, rank)
+  const at::Tensor P0 = at::matmul(Y, top.div(scale).to(at::kFloat));
+  at::Tensor P, ok, C;
+  std::tie(P, ok, C) = cholesky_qr_pass(P0, /*pivot_tol=*/0.0);
+  return std::make_tuple(P, ok.logical_and(near_identity(C)));
+}
+
+// Q = orth(Y), R = Q^T A, P = Q times the top eigenvectors of R R^T (A = G, or A = Y = G Z).
+inline at::Tensor ritz_from_orth(const at::Tensor& Y, const at::Tensor& A, int64_t rank) {
+  const at::Tensor Q = orthonormalize(Y);
+  const at::Tensor R = at::matmul(Q.mT(), A).to(at::kDouble);  // (B, k, n) or (B, k, k)
+  at::Tensor lam, U;
+  std::tie(lam, U) = at::linalg_eigh(at::matmul(R, R.mT()));  // eigenvalues ascending
+  const int64_t k = U.size(-1);
+  const at::Tensor top = U.slice(-1, k - rank, k).flip({-1});  // (B, k, rank), largest first
+  return at::matmul(Q, top.to(at::kFloat));
+}
+
 // Top-rank left subspace of each G (B, m, n): (B, m, rank) float32 with orthonormal columns.
-//   Y = G Omega; niter times { Q = basis(Y); Z = basis(G^T Q); Y = G Z }; Q = orth(Y)
-// then Rayleigh-Ritz: with niter > 0, Y = G Z = Q R (R = Q^T Y, k x k) and Z has orthonormal
-// columns, so the top-rank left singular vectors of G Z Z^T are Q times the top eigenvectors of
-// R R^T: no k x n product B = Q^T G (one GEMM with G fewer). With niter = 0, B = Q^T G.
+//   Y = G Omega; niter times { Q = basis(Y); Z = basis(G^T Q); Y = G Z }
+// then Rayleigh-Ritz: with niter > 0, Z has orthonormal columns, so the top-rank left singular
+// vectors of G Z Z^T are those of Y = G Z, from the k x k Gram Y^T Y (ritz_basis: no k x n product
+// with G, no orthonormalisation of the m x k Y); entries it does not accept (rank of G below rank)
+// take ritz_from_orth(Y, Y). With niter = 0, Q = orth(Y) and B = Q^T G.
 inline at::Tensor randomized_basis(const at::Tensor& G_in, const at::Tensor& omega, int64_t rank,
                                    int64_t niter) {
+  using namespace detail;
   const at::Tensor G = G_in.to(at::kFloat);
   const at::Tensor Gt = G.mT();
   at::Tensor Y = at::matmul(G, omega.to(at::kFloat));
@@ -210,13 +253,15 @@ inline at::Tensor randomized_basis(const at::Tensor& G_in, const at::Tensor& ome
     const at::Tensor Z = power_basis(at::matmul(Gt, Q));
     Y = at::matmul(G, Z);
   }
-  const at::Tensor Q = orthonormalize(Y);
-  const at::Tensor R = at::matmul(Q.mT(), niter > 0 ? Y : G).to(at::kDouble);  // (B, k, k) or (B, k, n)
-  at::Tensor lam, U;
-  std::tie(lam, U) = at::linalg_eigh(at::matmul(R, R.mT()));  // eigenvalues ascending
-  const int64_t k = U.size(-1);
-  const at::Tensor top = U.slice(-1, k - rank, k).flip({-1});  // (B, k, rank), largest first
-  return at::matmul(Q, top.to(at::kFloat));
+  if (niter == 0) {
+    return ritz_from_orth(Y, G, rank);
+  }
+  at::Tensor P, ok;
+  std::tie(P, ok) = ritz_basis(Y, rank);
+  if (needs_fallback(ok)) {
+    P = at::where(batch_mask(ok), P, ritz_from_orth(Y, Y, rank));
+  }
+  return P;
 }
 
 // ---- entry points with validation and guards ----

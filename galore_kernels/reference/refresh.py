@@ -5,19 +5,28 @@ batched over leading dimensions: ``G`` is ``(..., m, n)`` and the result ``(...,
 
     Y = G @ Omega
     repeat niter times:  Q = basis(Y);  Z = basis(G^T Q);  Y = G Z
-    Q = orth(Y)
-    niter > 0:  R = Q^T Y (k x k);  R R^T = U diag(lam) U^T;  P = Q @ U[:, top r]
-    niter = 0:  B = Q^T G (k x n);  B B^T = U diag(lam) U^T;  P = Q @ U[:, top r]
+    niter > 0:  Y^T Y = V diag(lam) V^T;  P0 = Y V[:, top r] lam_top^-1/2;  P = one CholeskyQR pass of P0
+    niter = 0:  Q = orth(Y);  B = Q^T G (k x n);  B B^T = U diag(lam) U^T;  P = Q @ U[:, top r]
 
 ``basis`` (inside the power iterations) is one CholeskyQR pass: a well-conditioned basis is all the
-next product needs. ``orth`` (the returned basis) is CholeskyQR2, accepted on its second pass's Gram.
-Both fall back to shifted CholeskyQR3 and then Householder where they break down. With ``niter > 0``
-``Z`` is orthonormal and ``Y = G Z = Q R``, so the top singular vectors of ``G Z Z^T`` come from the
-small ``R``: the Rayleigh-Ritz step needs no ``k x n`` product with ``G``.
+next product needs. Its Gram is float32 first; the entries where that breaks down (failed Cholesky,
+a pivot ratio at or below 1e-6, i.e. a sketch condition number beyond ~1e3) redo the pass with a
+float64 Gram, and the entries where that breaks down too get ``orth``. ``orth`` is CholeskyQR2 in
+float64, accepted on its second pass's Gram, falling back to shifted CholeskyQR3 and then Householder.
 
-Gram matrices, Cholesky factors and the small ``k x k`` eigenproblem are float64: they are tiny, and
-float64 keeps CholeskyQR2 stable up to a sketch condition number of about 1e8 (float32 would stop near
-1e3). The products with ``G`` and the ``m x k`` products with ``L^-T`` stay in float32.
+With ``niter > 0`` ``Z`` is orthonormal and ``Y = G Z``, so the top-r left singular vectors of
+``G Z Z^T`` are those of ``Y``: the eigenvectors of the k x k float64 Gram ``Y^T Y`` give them as
+``P0 = Y V lam^-1/2`` (no ``k x n`` product with ``G``, no orthonormalisation of the m x k ``Y``).
+``P0`` is orthonormal up to rounding that grows with ``sigma_1 / sigma_r``; one CholeskyQR pass of
+the m x r ``P0`` (float64 Gram, accepted when that Gram is near the identity, the CholeskyQR2
+criterion) makes it orthonormal to float32 rounding. Entries where it is not accepted (rank of ``G``
+below r, a zero gradient) take the ``niter = 0`` route from ``orth(Y)``, whose Householder fallback
+returns an orthonormal basis whatever the rank.
+
+Gram matrices of the returned basis, Cholesky factors and the small ``k x k`` eigenproblem are
+float64: they are tiny, and float64 keeps CholeskyQR2 stable up to a sketch condition number of about
+1e8 (float32 would stop near 1e3). The products with ``G`` and the ``m x k`` products with ``L^-T``
+stay in float32.
 """
 from __future__ import annotations
 
@@ -31,6 +40,10 @@ _ORTHONORMAL_TOL = 1e-6
 _SECOND_GRAM_TOL2 = 0.25
 # A single power-iteration CholeskyQR pass needs every pivot ratio L_jj^2 / C_jj above this.
 _PIVOT_TOL = 1e-12
+# The same test for a float32 Gram: L_jj^2 / C_jj >= 1 / cond^2, so 1e-6 admits sketch condition
+# numbers up to ~1e3, where the float32 Gram's relative error eps32 * cond^2 ~ 0.06 still leaves a
+# well-conditioned basis (cond(Q) ~ 1.1); beyond, the pass is redone with a float64 Gram.
+_PIVOT_TOL_FP32 = 1e-6
 
 
 def randomized_basis_reference(
@@ -46,8 +59,31 @@ def randomized_basis_reference(
         Q = _power_basis(Y)
         Z = _power_basis(Gt @ Q)
         Y = G @ Z
+    if niter == 0:
+        return _ritz_from_orth(Y, G, rank)
+    P, ok = _ritz_basis(Y, rank)
+    if not bool(ok.all()):
+        P = torch.where(ok[..., None, None], P, _ritz_from_orth(Y, Y, rank))
+    return P
+
+
+def _ritz_basis(Y: Tensor, rank: int) -> tuple[Tensor, Tensor]:  # (..., m, k) f32 -> (..., m, rank) f32, ok
+    """Top-rank left singular vectors of Y from the eigenvectors of its float64 Gram, then one
+    CholeskyQR pass; ok says that pass was accepted (its Gram within the CholeskyQR2 bound of I)."""
+    k = Y.shape[-1]
+    Yd = Y.double()
+    lam, V = torch.linalg.eigh(Yd.mT @ Yd)  # eigenvalues ascending
+    top = V[..., :, k - rank:].flip(-1)  # (..., k, rank), largest first
+    scale = lam[..., k - rank:].flip(-1).sqrt().unsqueeze(-2)  # (..., 1, rank): the singular values
+    P0 = Y @ (top / scale).float()
+    P, ok, C = _cholesky_qr_pass(P0, 0.0)
+    return P, ok & _near_identity(C)
+
+
+def _ritz_from_orth(Y: Tensor, A: Tensor, rank: int) -> Tensor:
+    """Q = orth(Y), R = Q^T A, P = Q @ top eigenvectors of R R^T (A = G, or A = Y = G Z)."""
     Q = orthonormalize_reference(Y)
-    R = (Q.mT @ (Y if niter > 0 else G)).double()  # (..., k, k) or (..., k, n)
+    R = (Q.mT @ A).double()  # (..., k, n) or (..., k, k)
     _, U = torch.linalg.eigh(R @ R.mT)  # eigenvalues ascending
     top = U[..., :, -rank:].flip(-1)  # (..., k, rank), largest first
     return Q @ top.float()
@@ -73,21 +109,28 @@ def orthonormalize_reference(Y: Tensor) -> Tensor:  # (..., m, k) -> (..., m, k)
 
 
 def _power_basis(Y: Tensor) -> Tensor:  # (..., m, k) float32 -> float32, well-conditioned
-    """One CholeskyQR pass; the entries where it breaks down get :func:`orthonormalize_reference`."""
-    Q, ok, _ = _cholesky_qr_pass(Y, _PIVOT_TOL)
+    """One CholeskyQR pass with a float32 Gram; entries where it breaks down redo it with a float64
+    Gram, and the entries where that breaks down too get :func:`orthonormalize_reference`."""
+    Q, ok, _ = _cholesky_qr_pass(Y, _PIVOT_TOL_FP32, torch.float32)
     if not bool(ok.all()):
-        Q = torch.where(ok[..., None, None], Q, orthonormalize_reference(Y))
+        Q64, ok64, _ = _cholesky_qr_pass(Y, _PIVOT_TOL)
+        Q = torch.where(ok[..., None, None], Q, Q64)
+        ok = ok | ok64
+        if not bool(ok.all()):
+            Q = torch.where(ok[..., None, None], Q, orthonormalize_reference(Y))
     return Q
 
 
-def _cholesky_qr_pass(Y: Tensor, pivot_tol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Y L^-T in Y's dtype, with L L^T = Y^T Y formed in float64 and L^-T applied as a product.
+def _cholesky_qr_pass(
+    Y: Tensor, pivot_tol: float, gram_dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Y L^-T in Y's dtype, with L L^T = Y^T Y formed in ``gram_dtype`` and L^-T applied as a product.
 
     Returns (Q, ok, C): ok says the Cholesky succeeded, L^-T is finite in Y's dtype and (with
     ``pivot_tol > 0``) every pivot ratio L_jj^2 / C_jj exceeds ``pivot_tol``.
     """
     k = Y.shape[-1]
-    Yd = Y.double()
+    Yd = Y.to(gram_dtype)
     C = Yd.mT @ Yd
     L, info = torch.linalg.cholesky_ex(C)
     W = torch.linalg.solve_triangular(L, torch.eye(k, dtype=Yd.dtype, device=Yd.device), upper=False).mT.to(Y.dtype)

@@ -36,9 +36,10 @@ train: install
 	$(BIN)/galore-train --config $(CONFIG) $(ARGS)
 
 # Benchmarks (pytest-benchmark): timings are machine-specific; see benchmarks/RESULTS.md.
+# On a CPU the step benchmarks run small smoke cases (GPU figures: benchmarks/gpu_check.sh on a GPU).
 bench: install
-	$(BIN)/python -m pytest benchmarks/bench_refresh.py --benchmark-only -s \
-		--benchmark-columns=min,median,max --benchmark-sort=name
+	$(BIN)/python -m pytest benchmarks/bench_refresh.py benchmarks/bench_step.py benchmarks/bench_model_step.py \
+		--benchmark-only -s --benchmark-columns=min,median,max --benchmark-sort=name
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -43,7 +43,10 @@ class StepBackend:
     # Whole-bucket steps (same-shape parameters in one launch each); None: step parameters one by one.
     galore_bucket: Optional[Callable[..., None]] = None  # signature of torch.ops.galore_kernels.triton_galore_adamw_step
     dense_bucket: Optional[Callable[..., None]] = None  # signature of torch.ops.galore_kernels.triton_dense_adamw_step
-    bucket_dtypes: tuple = ()  # parameter dtypes the bucket steps take
+    # With the bucket steps: whether a (parameter, gradient) pair suits the kernels (dtype, layout,
+    # alignment), and a basis in the layout the kernels read (copied only when it is not).
+    fits: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None
+    kernel_basis: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ def triton_step_backend() -> StepBackend:
         project_back=reference.project_back_reference,
         galore_bucket=triton_step.galore_bucket_step,
         dense_bucket=triton_step.dense_bucket_step,
-        bucket_dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        fits=triton_step.kernel_fits,
+        kernel_basis=triton_step.kernel_basis,
     )
 

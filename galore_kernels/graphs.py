@@ -99,10 +99,7 @@ class GraphedStep:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                backend = opt._step_backend(p)
-                if p.device.type != "cuda" or backend.galore_bucket is None or p.dtype not in backend.bucket_dtypes:
-                    return False
-                if "step" not in opt.state.get(p, {}) or not opt._bucketable(p, group):
+                if p.device.type != "cuda" or "step" not in opt.state.get(p, {}) or not opt._bucketable(p, group):
                     return False
         return True
 

@@ -92,7 +92,7 @@ class GaLoreAdamW(Optimizer):
         # Triton bucket steps: device step counts per bucket (with the host counts they match) and
         # per-group learning-rate buffers.
         self._device_step_cache: dict[tuple, tuple[Tensor, tuple]] = {}
-        self._lr_buffers: dict[tuple, Tensor] = {}
+        self._lr_buffers: dict[tuple, tuple[dict, Tensor]] = {}  # (id(group), device) -> (group, buffer)
         self._last_buckets: list[tuple] = []  # (cache key, parameters) of the last step()'s bucket launches
         self._capturing = False  # set by galore_kernels.graphs while a CUDA graph records a step
         self._step_calls = 0  # step() calls that ran (not recorded into a graph), and state loads
@@ -144,6 +144,7 @@ class GaLoreAdamW(Optimizer):
                 loss = closure()
         if not self._capturing:
             self._step_calls += 1  # GraphedStep replays only while no step ran outside it
+        self._last_buckets = []
         try:
             for group in self.param_groups:
                 self._refresh_batched(group)
@@ -164,13 +165,10 @@ class GaLoreAdamW(Optimizer):
         Refreshes stay on the per-parameter path, which checks the gradient on the host first.
         """
         singles, buckets = [], {}
-        if group is self.param_groups[0]:
-            self._last_buckets = []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            backend = self._step_backend(p)
-            if backend.galore_bucket is None or p.dtype not in backend.bucket_dtypes or not self._bucketable(p, group):
+            if not self._bucketable(p, group):
                 singles.append(p)
                 continue
             side = self.side(p)
@@ -182,10 +180,10 @@ class GaLoreAdamW(Optimizer):
         return singles
 
     def _bucketable(self, p: Tensor, group: dict) -> bool:
-        grad, side = p.grad, self.side(p)
-        if grad.is_sparse or grad.dtype != p.dtype or not (p.is_contiguous() and grad.is_contiguous()):
-            return False
-        if p.data_ptr() % 16 or grad.data_ptr() % 16:  # the kernels read 16-byte aligned rows
+        """Whether ``p`` is stepped by a bucket launch this step: a bucket backend whose kernels take
+        its tensors, and no refresh (or a batched one done already) for a projected parameter."""
+        backend, grad, side = self._step_backend(p), p.grad, self.side(p)
+        if backend.galore_bucket is None or grad.is_sparse or not backend.fits(p, grad):
             return False
         if side is None:
             return True
@@ -199,7 +197,8 @@ class GaLoreAdamW(Optimizer):
     def _launch_bucket(self, group: dict, side, device: torch.device, params: list[Tensor]) -> None:
         """One bucket's launches. ``validated=True`` skips the kernels' per-tensor checks: the bucket
         key fixes shape, dtype and device, :meth:`_bucketable` contiguity and alignment, and the
-        state tensors are the optimizer's own (float32, contiguous; bases made contiguous here)."""
+        state tensors are the optimizer's own (float32, contiguous; bases laid out here)."""
+        key = tuple(id(p) for p in params)  # the bucket's device step counts and skip counter
         states = [self.state[p] for p in params]
         lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), _rank(group, params[0]), side)
         for p, state in zip(params, states):  # the validated launch trusts these shapes: check them here
@@ -208,30 +207,25 @@ class GaLoreAdamW(Optimizer):
                                    f"its moments are {tuple(state['exp_avg'].shape)} (was the parameter replaced "
                                    "in place?); re-create the optimizer for the new shape.")
         backend = self._step_backend(params[0])
-        steps = self._device_steps(params, states, device)
+        steps = self._device_steps(key, states, device)
         lr = self._device_lr(group, device)
         beta1, beta2 = group["betas"]
         moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
-        skipped = self._skip_counter(tuple(id(p) for p in params), params, device)
+        skipped = self._skip_counter(key, params, device)
         if side is None:
             backend.dense_bucket(params, [p.grad for p in params], *moments, steps, lr, beta1, beta2,
                                  group["eps"], group["weight_decay"], group["correct_bias"], validated=True,
                                  skipped=skipped)
         else:
-            key = "proj_left" if side == "left" else "proj_right"
-            for state in states:
-                # Exact bases keep LAPACK's column-major layout, and a batched refresh returns views
-                # into one tensor that need not start 16-byte aligned: the kernels read aligned rows.
-                basis = state[key]
-                if not basis.is_contiguous() or basis.data_ptr() % 16:
-                    state[key] = basis.clone(memory_format=torch.contiguous_format)
-            bases = [self._operand_basis(p, state[key]) for p, state in zip(params, states)]
+            name = "proj_left" if side == "left" else "proj_right"
+            for state in states:  # laid out once per refresh (exact bases are column-major, ...)
+                state[name] = backend.kernel_basis(state[name])
+            bases = [self._operand_basis(p, state[name]) for p, state in zip(params, states)]
             backend.galore_bucket(params, [p.grad for p in params], *moments, bases,
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
                                   group["scale"], group["correct_bias"], validated=True, skipped=skipped)
         for state in states:
             state["step"] += 1
-        key = tuple(id(p) for p in params)
         self._device_step_cache[key] = (steps, tuple(state["step"] for state in states))
         self._last_buckets.append((key, params))
 
@@ -272,13 +266,13 @@ class GaLoreAdamW(Optimizer):
                     self._warn_nonfinite(index, p, f"in {count} step(s) up to step {self.state[p]['step']}")
         return dict(self._nonfinite_skips)
 
-    def _device_steps(self, params: list[Tensor], states: list[dict], device: torch.device) -> Tensor:
+    def _device_steps(self, key: tuple, states: list[dict], device: torch.device) -> Tensor:
         """The bucket's step counts as an int32 device tensor, which the kernels advance themselves.
 
         Reused while the host counts still match what the last launch left (the steady state: no copy
         to the device); rebuilt from the host counts, without a host synchronisation, otherwise.
         """
-        cached = self._device_step_cache.get(tuple(id(p) for p in params))
+        cached = self._device_step_cache.get(key)
         host = tuple(state["step"] for state in states)
         if cached is not None and cached[1] == host and cached[0].device == device:
             return cached[0]
@@ -300,19 +294,17 @@ class GaLoreAdamW(Optimizer):
         if isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.numel() == 1:
             return lr.reshape(1)
         key = (id(group), device)
-        buffer = self._lr_buffers.get(key)
-        if buffer is None:
-            buffer = self._lr_buffers[key] = torch.empty(1, dtype=torch.float32, device=device)
+        if key not in self._lr_buffers:
+            self._lr_buffers[key] = (group, torch.empty(1, dtype=torch.float32, device=device))
+        buffer = self._lr_buffers[key][1]
         if not self._capturing:  # a captured fill would replay a stale lr: graphs.py fills before replay
             buffer.fill_(lr)
         return buffer
 
     def fill_lr_buffers(self) -> None:
         """Writes every group's float ``lr`` into the buffers the kernels read (before a graph replay)."""
-        for group in self.param_groups:
-            for (group_id, _), buffer in self._lr_buffers.items():
-                if group_id == id(group):
-                    buffer.fill_(group["lr"])
+        for group, buffer in self._lr_buffers.values():
+            buffer.fill_(group["lr"])
 
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor) -> bool:

@@ -39,24 +39,30 @@ def check_proj_type(proj_type: str, where: str = "proj_type") -> None:
         )
 
 
-def check_rank(rank, where: str = "rank") -> int:
-    """``rank`` as an int (NumPy and torch integers accepted), or a ValueError naming ``where``."""
+def _positive_int(value):
+    """``value`` as an int when it is an integer >= 1 (NumPy and torch integers accepted, bool not),
+    else None."""
+    if isinstance(value, bool):
+        return None
     try:
-        value = operator.index(rank)
+        number = operator.index(value)
     except TypeError:
-        value = None
-    if isinstance(rank, bool) or value is None or value < 1:
+        return None
+    return number if number >= 1 else None
+
+
+def check_rank(rank, where: str = "rank") -> int:
+    """``rank`` as an int, or a ValueError naming ``where``."""
+    value = _positive_int(rank)
+    if value is None:
         raise ValueError(f"{where}={rank!r} is invalid: the GaLore rank must be an integer >= 1 (e.g. 128).")
     return value
 
 
 def check_update_proj_gap(gap, where: str = "update_proj_gap") -> int:
-    """``gap`` as an int (NumPy and torch integers accepted), or a ValueError naming ``where``."""
-    try:
-        value = operator.index(gap)
-    except TypeError:
-        value = None
-    if isinstance(gap, bool) or value is None or value < 1:
+    """``gap`` as an int, or a ValueError naming ``where``."""
+    value = _positive_int(gap)
+    if value is None:
         raise ValueError(f"{where}={gap!r} must be an integer >= 1 (steps between refreshes, e.g. 200).")
     return value
 

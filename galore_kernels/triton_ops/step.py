@@ -28,7 +28,7 @@ from .project import lowrank_project_triton
 from .utils import SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
 
 
-def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> int:
+def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> None:
     if side not in ("left", "right"):
         raise ValueError(f"side={side!r}: the Triton step projects 'left' or 'right'; 'full' runs on the reference.")
     if not params:
@@ -51,7 +51,6 @@ def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr,
     check_bucket("exp_avgs", exp_avgs, lowrank, torch.float32)
     check_bucket("exp_avg_sqs", exp_avg_sqs, lowrank, torch.float32)
     _check_scalars(steps, lr, params[0].device)
-    return rank
 
 
 def _check_scalars(steps: Tensor, lr: Tensor, device: torch.device) -> None:
@@ -209,7 +208,7 @@ def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
                 beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
                 correct_bias: bool) -> None:
     """``reference.galore_adamw_step_reference`` on the kernels (``step`` counted after the increment)."""
-    if side == "full" or not _fits(param, grad):
+    if side == "full" or not kernel_fits(param, grad):
         return reference_step.galore_adamw_step_reference(
             param, grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
@@ -218,7 +217,7 @@ def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
         dense_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], steps, lr_t, beta1=beta1, beta2=beta2,
                                 eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         return None
-    basis = _kernel_basis(proj_left if side == "left" else proj_right)
+    basis = kernel_basis(proj_left if side == "left" else proj_right)
     galore_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], [basis], steps, lr_t, side=side,
                              beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                              correct_bias=correct_bias)
@@ -227,9 +226,9 @@ def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
 
 def project_triton(grad: Tensor, proj_left: Optional[Tensor], proj_right: Optional[Tensor], side) -> Tensor:
     """``reference.project_reference`` on the projection kernel."""
-    if side == "full" or not _fits(grad, grad):
+    if side == "full" or not kernel_fits(grad, grad):
         return reference_step.project_reference(grad, proj_left, proj_right, side)
-    basis = _kernel_basis(proj_left if side == "left" else proj_right)
+    basis = kernel_basis(proj_left if side == "left" else proj_right)
     rank = basis.shape[1] if side == "left" else basis.shape[0]
     lowrank, _ = lowrank_project_triton([grad], [basis], side, rank)
     return lowrank[0]
@@ -240,13 +239,13 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
                   beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
                   correct_bias: bool) -> None:
     """``reference.galore_adamw_update_reference`` on the Adam and back-projection kernels."""
-    if side in (None, "full") or not _fits(param, param):
+    if side in (None, "full") or not kernel_fits(param, param):
         return reference_step.galore_adamw_update_reference(
             param, lowrank_grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
     steps, lr_t = _device_scalars(step, lr, param.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
-    basis = _kernel_basis(proj_left if side == "left" else proj_right)
+    basis = kernel_basis(proj_left if side == "left" else proj_right)
     lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
     lowrank[0].copy_(lowrank_grad)
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
@@ -256,7 +255,7 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
     return None
 
 
-def _kernel_basis(basis: Tensor) -> Tensor:
+def kernel_basis(basis: Tensor) -> Tensor:
     """The basis as the kernels read it: contiguous and 16-byte aligned (exact bases are
     column-major; a batched refresh returns views into one tensor that need not be aligned)."""
     if basis.is_contiguous() and aligned(basis):
@@ -264,8 +263,8 @@ def _kernel_basis(basis: Tensor) -> Tensor:
     return basis.clone(memory_format=torch.contiguous_format)
 
 
-def _fits(param: Tensor, grad: Tensor) -> bool:
+def kernel_fits(param: Tensor, grad: Tensor) -> bool:
     """Whether the kernels take these tensors (contiguous, 16-byte aligned, a supported dtype); else
-    the reference runs."""
+    the reference runs (one parameter) or it is stepped alone (the optimizer's buckets)."""
     return (param.dtype in SUPPORTED_DTYPES and grad.dtype == param.dtype and param.is_contiguous()
             and grad.is_contiguous() and aligned(param) and aligned(grad))

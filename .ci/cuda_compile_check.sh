@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA compile check: builds the native extension (CMakeLists.txt, csrc/) with CUDA for one
 # architecture (sm_90) against a CUDA build of torch, on a machine with nvcc but no GPU. It compiles
-# refresh_cpu.cpp and refresh_cuda.cu, links _C.so, and checks that the CUDA kernels got registered.
+# refresh_cpu.cpp, refresh_cuda.cu and eigh_cuda.cu, links _C.so, and checks that the CUDA kernels got registered.
 # Nothing is run: a compile or link error fails, anything else is the GPU tests' business.
 #
 # Outside the clone, in ${GALORE_CUDA_CHECK_HOME:-~/.cache/galore_kernels/cuda_check}:
@@ -144,7 +144,7 @@ grep -q "galore_kernels: .*CUDA kernels: ON" "$LOG" ||
   fail "CMake did not enable the CUDA kernels (expected 'CUDA kernels: ON' in $LOG)"
 grep -rqsF "arch=compute_90,code=sm_90" "$BUILD/build.ninja" "$BUILD/CMakeFiles" ||
   fail "no -gencode arch=compute_90,code=sm_90 in the build files under $BUILD"
-for obj in refresh_cpu.cpp.o refresh_cuda.cu.o; do
+for obj in refresh_cpu.cpp.o refresh_cuda.cu.o eigh_cuda.cu.o; do
   [ -n "$(find "$BUILD/CMakeFiles" -name "$obj" -print -quit)" ] || fail "$obj was not built (see $LOG)"
 done
 lib="$BUILD/_C.so"

@@ -7,4 +7,7 @@ TORCH_LIBRARY(galore_kernels, m) {
   m.def("orthonormalize(Tensor Y) -> Tensor");
   // G (B, m, n), omega (B, n, k), 1 <= rank <= k <= min(m, n) -> (B, m, rank) float32.
   m.def("randomized_basis(Tensor G, Tensor omega, int rank, int niter) -> Tensor");
+  // C (B, n, n) symmetric, float32/float64 -> eigenvalues (B, n) ascending, eigenvectors (B, n, n) as
+  // columns, info (B,) int32 (0: converged).
+  m.def("batched_eigh(Tensor C) -> (Tensor eigenvalues, Tensor eigenvectors, Tensor info)");
 }

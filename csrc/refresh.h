@@ -14,6 +14,8 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #endif
 
+#include "eigh.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/eye.h>
@@ -207,22 +209,22 @@ inline at::Tensor power_basis(const at::Tensor& Y) {
   return Q;
 }
 
-// Top-rank left singular vectors of Y (B, m, k) float32 from the eigenvectors of its float64 Gram,
-// P0 = Y V_top lam_top^-1/2, then one CholeskyQR pass of the m x rank P0 (float64 Gram).
-// Returns {P (B, m, rank) float32, ok (B,) bool: that pass was accepted, its Gram within the
-// CholeskyQR2 bound of I}.
+// Top-rank left singular vectors of Y (B, m, k) float32 from the eigenvectors of its float64 Gram
+// (batched_eigh: one solver call for the batch), P0 = Y V_top lam_top^-1/2, then one CholeskyQR pass
+// of the m x rank P0 (float64 Gram). Returns {P (B, m, rank) float32, ok (B,) bool: the eigensolver
+// converged and that pass was accepted, its Gram within the CholeskyQR2 bound of I}.
 inline std::tuple<at::Tensor, at::Tensor> ritz_basis(const at::Tensor& Y, int64_t rank) {
   using namespace detail;
   const int64_t k = Y.size(-1);
   const at::Tensor Yd = Y.to(at::kDouble);
-  at::Tensor lam, V;
-  std::tie(lam, V) = at::linalg_eigh(at::matmul(Yd.mT(), Yd));  // eigenvalues ascending
+  at::Tensor lam, V, info;
+  std::tie(lam, V, info) = batched_eigh(at::matmul(Yd.mT(), Yd));  // eigenvalues ascending
   const at::Tensor top = V.slice(-1, k - rank, k).flip({-1});  // (B, k, rank), largest first
   const at::Tensor scale = lam.slice(-1, k - rank, k).flip({-1}).sqrt().unsqueeze(-2);  // (B, 1, rank)
   const at::Tensor P0 = at::matmul(Y, top.div(scale).to(at::kFloat));
   at::Tensor P, ok, C;
   std::tie(P, ok, C) = cholesky_qr_pass(P0, /*pivot_tol=*/0.0);
-  return std::make_tuple(P, ok.logical_and(near_identity(C)));
+  return std::make_tuple(P, ok.logical_and(near_identity(C)).logical_and(info.eq(0)));
 }
 
 // Q = orth(Y), R = Q^T A, P = Q times the top eigenvectors of R R^T (A = G, or A = Y = G Z).

@@ -4,6 +4,8 @@
 // batched refresh (at::linalg_eigh checks its solver's error codes with one as well), never one per
 // matrix (computing every fallback for every entry instead would avoid those synchronisations but
 // run a Householder QR per power iteration: several milliseconds each at the anchor shapes).
+// The small eigenproblems go to cuSOLVER's batched solver (eigh_cuda.cu).
+#include "eigh.h"
 #include "refresh.h"
 
 #include <torch/library.h>
@@ -11,4 +13,5 @@
 TORCH_LIBRARY_IMPL(galore_kernels, CUDA, m) {
   m.impl("orthonormalize", &galore_kernels::orthonormalize_op);
   m.impl("randomized_basis", &galore_kernels::randomized_basis_op);
+  m.impl("batched_eigh", &galore_kernels::batched_eigh_cuda);
 }

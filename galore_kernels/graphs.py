@@ -88,7 +88,7 @@ class GraphedStep:
         before each replay; a tensor lr is read in place, so its identity counts) and torch's float32
         matmul precision (it picks the compiled kernels)."""
         groups = tuple((g["betas"], g["eps"], g["weight_decay"], g.get("scale"), g["correct_bias"],
-                        id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else None)
+                        g["stochastic_rounding"], g["seed"], id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else None)
                        for g in self.optimizer.param_groups)
         return groups, torch.get_float32_matmul_precision()
 

@@ -6,8 +6,13 @@ the default, or ``"exact"``), ``oversample``, ``niter`` and ``refresh_offset``. 
 with ``svd="exact"`` and float32 parameters the trajectory follows galore-torch step for step.
 
 Differences from galore-torch, each on purpose:
-- ``exp_avg``/``exp_avg_sq`` and the projection bases are float32 whatever the parameter dtype, also
-  after ``load_state_dict`` (torch's base class would cast them to the parameter's dtype).
+- ``exp_avg``/``exp_avg_sq`` are float32 whatever the parameter dtype (``state_dtype="bfloat16"``,
+  per group or for all, halves them: read in float32, stored rounded), and the projection bases are
+  float32; both keep their dtype through ``load_state_dict`` (torch's base class would cast them to
+  the parameter's dtype).
+- ``stochastic_rounding=True`` (per group or for all) rounds bf16 weights to a bf16 neighbour with
+  probabilities proportional to the distances, from random bits keyed by (seed, parameter index,
+  step): unbiased, reproducible, resumable (see the README).
 - The state is plain tensors and numbers (no projector objects), so ``state_dict()`` loads with
   ``torch.load(..., weights_only=True)`` and a resumed run continues bit for bit.
 - ``reverse_std`` back-projects on the side it projected (galore-torch re-derives the side from the
@@ -37,7 +42,7 @@ from torch.optim import Optimizer
 
 from . import dispatch
 from .projection import check_proj_type, check_rank, check_update_proj_gap, effective_rank, projection_side
-from .subspace import METHODS, projection_bases, randomized_bases_batched, refresh_generator
+from .subspace import METHODS, projection_bases, randomized_bases_batched, refresh_generator, rounding_seed
 
 # Param-group keys of a GaLore group and their defaults (galore-torch's, plus our refresh settings).
 GALORE_GROUP_DEFAULTS = {
@@ -55,8 +60,12 @@ GALORE_GROUP_DEFAULTS = {
 REFRESH_POLICIES = ("fixed", "adaptive")
 # A batched refresh stacks the gradients of same-shape parameters; this bounds the stacked copy.
 BATCHED_REFRESH_BYTES = 256 * 2**20
-# Float32 state tensors that load_state_dict must not cast to the parameter's dtype.
-FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
+# State tensors that load_state_dict must put back in their saved dtype (torch would cast them to the
+# parameter's): the moments (the group's state_dtype) and the bases (float32).
+KEEP_DTYPE_STATE = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
+# state_dtype: the moments' dtype. fp16 is not offered: (1 - beta2) g^2 underflows it for small gradients.
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_STATE_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 class GaLoreAdamW(Optimizer):
@@ -73,6 +82,8 @@ class GaLoreAdamW(Optimizer):
         seed: int = 0,
         backend: str = "auto",
         refresh_backend: str = "auto",
+        state_dtype="float32",
+        stochastic_rounding: bool = False,
     ):
         if lr < 0.0:
             raise ValueError(f"lr={lr} must be >= 0.")
@@ -99,9 +110,11 @@ class GaLoreAdamW(Optimizer):
         self._backends: dict[torch.device, dispatch.StepBackend] = {}
         self._skip_counters: dict[tuple, tuple[list, Tensor]] = {}  # bucket key -> (params, (B,) int32)
         self._operand_bases: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) -> (float32 basis, its 16-bit copy)
+        self._rounding_seeds: dict[tuple, tuple[int, Tensor]] = {}  # bucket key -> (group seed, (B,) int64 seeds)
         self._nonfinite_skips: dict[int, int] = {}  # parameter index -> masked bucket steps, as read
         self._reported_this_step = False
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed,
+                        state_dtype=check_state_dtype(state_dtype, "state_dtype"), stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when a requested backend cannot run here.
         for device in {p.device for group in self.param_groups for p in group["params"]}:
@@ -113,6 +126,9 @@ class GaLoreAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            where = f"param group {len(self.param_groups) - 1}"
+            group["state_dtype"] = check_state_dtype(group["state_dtype"], f"{where}: state_dtype")
+            _check_stochastic_rounding(group, where)
             if "rank" in group:
                 _complete_galore_group(group, len(self.param_groups) - 1)
         except Exception:
@@ -197,7 +213,7 @@ class GaLoreAdamW(Optimizer):
     def _launch_bucket(self, group: dict, side, device: torch.device, params: list[Tensor]) -> None:
         """One bucket's launches. ``validated=True`` skips the kernels' per-tensor checks: the bucket
         key fixes shape, dtype and device, :meth:`_bucketable` contiguity and alignment, and the
-        state tensors are the optimizer's own (float32, contiguous; bases laid out here)."""
+        state tensors are the optimizer's own (moments in the group's state_dtype, contiguous; bases laid out here)."""
         key = tuple(id(p) for p in params)  # the bucket's device step counts and skip counter
         states = [self.state[p] for p in params]
         lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), _rank(group, params[0]), side)
@@ -206,16 +222,21 @@ class GaLoreAdamW(Optimizer):
                 raise RuntimeError(f"GaLoreAdamW: parameter #{self.param_info(p)[0]} has shape {tuple(p.shape)} but "
                                    f"its moments are {tuple(state['exp_avg'].shape)} (was the parameter replaced "
                                    "in place?); re-create the optimizer for the new shape.")
+            if state["exp_avg"].dtype != states[0]["exp_avg"].dtype or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
+                raise RuntimeError(f"GaLoreAdamW: the moments of parameter #{self.param_info(p)[0]} are "
+                                   f"{state['exp_avg'].dtype}/{state['exp_avg_sq'].dtype}, unlike the rest of its "
+                                   "group's; convert them all to the group's state_dtype.")
         backend = self._step_backend(params[0])
         steps = self._device_steps(key, states, device)
         lr = self._device_lr(group, device)
         beta1, beta2 = group["betas"]
         moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
         skipped = self._skip_counter(key, params, device)
+        seeds = self._bucket_rounding_seeds(key, group, params, device)
         if side is None:
             backend.dense_bucket(params, [p.grad for p in params], *moments, steps, lr, beta1, beta2,
                                  group["eps"], group["weight_decay"], group["correct_bias"], validated=True,
-                                 skipped=skipped)
+                                 skipped=skipped, rounding_seeds=seeds)
         else:
             name = "proj_left" if side == "left" else "proj_right"
             for state in states:  # laid out once per refresh (exact bases are column-major, ...)
@@ -223,7 +244,8 @@ class GaLoreAdamW(Optimizer):
             bases = [self._operand_basis(p, state[name]) for p, state in zip(params, states)]
             backend.galore_bucket(params, [p.grad for p in params], *moments, bases,
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
-                                  group["scale"], group["correct_bias"], validated=True, skipped=skipped)
+                                  group["scale"], group["correct_bias"], validated=True, skipped=skipped,
+                                  rounding_seeds=seeds)
         for state in states:
             state["step"] += 1
         self._device_step_cache[key] = (steps, tuple(state["step"] for state in states))
@@ -238,6 +260,26 @@ class GaLoreAdamW(Optimizer):
         cached = self._operand_bases.get(id(p))
         if cached is None or cached[0] is not basis or cached[1].dtype != p.dtype:
             cached = self._operand_bases[id(p)] = (basis, basis.to(p.dtype))
+        return cached[1]
+
+    def rounding_seed(self, p: Tensor) -> Optional[int]:
+        """The seed of ``p``'s stochastic rounding: None unless its group asks for it and ``p`` is bf16."""
+        index, group, _ = self.param_info(p)
+        if not group["stochastic_rounding"] or p.dtype != torch.bfloat16:
+            return None
+        return rounding_seed(group["seed"], index)
+
+    def _bucket_rounding_seeds(self, key: tuple, group: dict, params: list[Tensor], device: torch.device):
+        """The bucket's (B,) int64 rounding seeds on the device, made once (None: round to nearest)."""
+        if not group["stochastic_rounding"] or params[0].dtype != torch.bfloat16:
+            return None
+        cached = self._rounding_seeds.get(key)
+        if cached is None or cached[0] != group["seed"]:
+            if self._capturing:
+                raise RuntimeError("GaLoreAdamW: a CUDA graph capture met a bucket with no rounding seeds; "
+                                   "run one eager step with the same gradients before capturing.")
+            seeds = torch.tensor([self.rounding_seed(p) for p in params], dtype=torch.int64).to(device)
+            cached = self._rounding_seeds[key] = (group["seed"], seeds)
         return cached[1]
 
     def _skip_counter(self, key: tuple, params: list[Tensor], device: torch.device) -> Tensor:
@@ -360,7 +402,7 @@ class GaLoreAdamW(Optimizer):
         tensors = (state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"), state.get("proj_right"))
         scalars = dict(side=self.side(p), step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2,
                        eps=group["eps"], weight_decay=group["weight_decay"], scale=group.get("scale", 1.0),
-                       correct_bias=group["correct_bias"])
+                       correct_bias=group["correct_bias"], rounding_seed=self.rounding_seed(p))
         return tensors, scalars
 
     def side(self, p: Tensor):
@@ -428,8 +470,9 @@ class GaLoreAdamW(Optimizer):
         state["step"] = 0
         side = self.side(p)
         shape = tuple(p.shape) if side is None else lowrank_shape(tuple(p.shape), _rank(group, p), side)
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        dtype = STATE_DTYPES[group["state_dtype"]]
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
         if side is not None:
             state["refresh_count"] = 0
         return state
@@ -522,8 +565,13 @@ class GaLoreAdamW(Optimizer):
     # --------------------------------------------------------------------------- state dicts
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts every floating state tensor to its parameter's dtype; GaLore's moments
-        and bases are float32 by design, so they are put back from the saved tensors unchanged."""
+        (the group's ``state_dtype``) and bases (float32) are put back from the saved tensors unchanged.
+        A checkpoint from before ``state_dtype`` existed loads as float32 state."""
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("state_dtype", "float32")
+            group.setdefault("stochastic_rounding", False)
+        self._rounding_seeds.clear()
         self._step_calls += 1  # invalidates a captured CUDA graph (GraphedStep)
         self._param_info = None  # the loader replaced the group dicts
         self._device_step_cache.clear()
@@ -532,9 +580,30 @@ class GaLoreAdamW(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
-            for key in FLOAT32_STATE:
+            for key in KEEP_DTYPE_STATE:
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
+
+
+def _check_stochastic_rounding(group: dict, where: str) -> None:
+    value = group["stochastic_rounding"]
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: stochastic_rounding={value!r} must be True or False.")
+    if value:
+        for position, p in enumerate(group["params"]):
+            if p.dtype == torch.float16:
+                raise ValueError(f"{where}: stochastic_rounding is for bf16 weights, but parameter {position} "
+                                 f"(shape {tuple(p.shape)}) is float16; use bf16 weights or set it to False.")
+
+
+def check_state_dtype(value, where: str) -> str:
+    """The canonical name of a moments dtype ("float32" or "bfloat16"), or an error naming the choices."""
+    name = _STATE_DTYPE_ALIASES.get(value, value) if isinstance(value, (str, torch.dtype)) else value
+    if name not in STATE_DTYPES:
+        raise ValueError(f"{where}={value!r} must be 'float32' (the default) or 'bfloat16' (half the moments' "
+                         "memory; torch.float32/torch.bfloat16 work too). float16 moments are not offered: "
+                         "(1 - beta2) * g^2 underflows float16 for small gradients.")
+    return name
 
 
 def lowrank_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:

@@ -158,6 +158,16 @@ def refresh_seed(seed: int, param_index: int, refresh_count: int) -> int:
     return h >> 1
 
 
+def rounding_seed(seed: int, param_index: int) -> int:
+    """A parameter's stochastic-rounding seed (below 2^31) from (optimizer seed, parameter index): the
+    step is mixed in per update (``reference.step.ROUNDING_KEY_MULTIPLIER``). A domain tag keeps it
+    apart from the refresh seeds."""
+    h = 0x5DEECE66D
+    for value in (seed, param_index):
+        h = _splitmix64((h ^ (value & _MASK64)) & _MASK64)
+    return h >> 33
+
+
 def refresh_generator(seed: int, param_index: int, refresh_count: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(refresh_seed(seed, param_index, refresh_count))

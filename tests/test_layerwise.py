@@ -34,9 +34,9 @@ def loss_fn(model, x, y, accumulation):
     return ((model(x) - y) ** 2).mean() / accumulation
 
 
-def run_standard(data, accumulation, offset=0, lr_lambda=LR_LAMBDA, policy="fixed"):
+def run_standard(data, accumulation, offset=0, lr_lambda=LR_LAMBDA, policy="fixed", **kw):
     model = make_model()
-    opt = GaLoreAdamW(groups(model, offset, policy), lr=1e-2, weight_decay=0.01, seed=3)
+    opt = GaLoreAdamW(groups(model, offset, policy), lr=1e-2, weight_decay=0.01, seed=3, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     for i, (x, y) in enumerate(data):
         loss_fn(model, x, y, accumulation).backward()
@@ -78,12 +78,15 @@ def test_layerwise_matches_standard_optimizer(accumulation, offset, policy):
     assert lr_now == pytest.approx(1e-2 * LR_LAMBDA(11))
 
 
-def test_accumulation_one_is_bitwise_the_standard_step():
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_accumulation_one_is_bitwise_the_standard_step(state_dtype):
     data = batches(7)
-    std_model, _ = run_standard(data, 1)
-    lw_model, _ = run_layerwise(data, 1)
+    std_model, std_opt = run_standard(data, 1, state_dtype=state_dtype)
+    lw_model, handle = run_layerwise(data, 1, state_dtype=state_dtype)
     for a, b in zip(std_model.parameters(), lw_model.parameters()):
         assert torch.equal(a, b)
+        assert torch.equal(std_opt.state[a]["exp_avg"], handle.optimizer.state[b]["exp_avg"])
+        assert handle.optimizer.state[b]["exp_avg"].dtype == getattr(torch, state_dtype)
 
 
 def test_gradients_are_freed_and_only_refresh_windows_keep_full_gradients():

@@ -33,6 +33,28 @@ def test_opcheck_randomized_basis():
     opcheck(torch.ops.galore_kernels.randomized_basis.default, (G.bfloat16(), omega, 5, 0))
 
 
+def symmetric_batch(batch, n, dtype=torch.float64, seed=0):
+    A = torch.randn(batch, n, n + 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (A @ A.mT).to(dtype)
+
+
+def test_opcheck_batched_eigh():
+    for C in (symmetric_batch(3, 17), symmetric_batch(1, 5, torch.float32), torch.zeros(2, 4, 4, dtype=torch.float64)):
+        opcheck(torch.ops.galore_kernels.batched_eigh.default, (C,))
+
+
+def test_batched_eigh_on_cpu_is_torch_linalg_eigh_bitwise():
+    """The CPU kernel is LAPACK through at::linalg_eigh: the native refresh stays bitwise the reference."""
+    C = symmetric_batch(4, 33)
+    values, vectors, info = native.batched_eigh_native(C)
+    expected_values, expected_vectors = torch.linalg.eigh(C)
+    assert torch.equal(values, expected_values) and torch.equal(vectors, expected_vectors)
+    assert info.dtype == torch.int32 and info.tolist() == [0] * 4
+    for bad in (torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float16)):
+        with pytest.raises(RuntimeError, match="batched_eigh"):
+            native.batched_eigh_native(bad)
+
+
 def test_fake_kernel_traces_under_torch_compile_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -41,30 +41,33 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+@pytest.mark.parametrize("policy, state_dtype", [("fixed", "float32"), ("adaptive", "float32"), ("fixed", "bfloat16")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_roundtrip_continues_bit_for_bit(dtype, policy):
+def test_state_dict_roundtrip_continues_bit_for_bit(dtype, policy, state_dtype):
     """Resume mid-run from a weights_only checkpoint, in a fresh model and optimizer: the run continues
     exactly as the uninterrupted one (randomized refresh at steps 0, 3, 6, ... crosses the resume)."""
     data = batches(10, dtype)
     ref_model = make_model(dtype)
-    ref_opt = GaLoreAdamW(galore_groups(ref_model, refresh_policy=policy), lr=1e-2, weight_decay=0.05, seed=7)
+    kw = dict(lr=1e-2, weight_decay=0.05, seed=7, state_dtype=state_dtype)
+    ref_opt = GaLoreAdamW(galore_groups(ref_model, refresh_policy=policy), **kw)
     train(ref_model, ref_opt, data)
 
     model = make_model(dtype)
-    opt = GaLoreAdamW(galore_groups(model, refresh_policy=policy), lr=1e-2, weight_decay=0.05, seed=7)
+    opt = GaLoreAdamW(galore_groups(model, refresh_policy=policy), **kw)
     train(model, opt, data[:4])
     checkpoint = roundtrip({"model": model.state_dict(), "optim": opt.state_dict()})
 
     resumed = make_model(dtype, seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = GaLoreAdamW(galore_groups(resumed, refresh_policy=policy), lr=1e-2, weight_decay=0.05, seed=7)
+    resumed_opt = GaLoreAdamW(galore_groups(resumed, refresh_policy=policy), **kw)
     resumed_opt.load_state_dict(checkpoint["optim"])
+    moments = getattr(torch, state_dtype)
     for p in resumed.parameters():
         state = resumed_opt.state[p]
-        for key in ("exp_avg", "exp_avg_sq", "proj_left", "proj_right"):
+        for key, dtype_wanted in (("exp_avg", moments), ("exp_avg_sq", moments), ("proj_left", torch.float32),
+                                  ("proj_right", torch.float32)):
             if key in state:
-                assert state[key].dtype == torch.float32, (key, state[key].dtype)
+                assert state[key].dtype == dtype_wanted, (key, state[key].dtype)
     train(resumed, resumed_opt, data[4:])
 
     for a, b in zip(ref_model.parameters(), resumed.parameters()):
@@ -258,6 +261,63 @@ def test_non_finite_gradient_skips_the_parameter_step(bad):
     for key, value in snapshot.items():
         assert torch.equal(opt.state[w][key], value) if torch.is_tensor(value) else opt.state[w][key] == value
     assert opt.state[w]["step"] == 1
+
+
+def test_bf16_state_halves_the_moments_and_tracks_float32_state():
+    """state_dtype="bfloat16": moments stored in bf16 (half the bytes), bases still float32, and the
+    trajectory stays close to the float32-state one (the step is computed from the unrounded values;
+    only the stored moments carry bf16 rounding)."""
+    data = batches(12)
+    runs = {}
+    for state_dtype in ("float32", "bfloat16"):
+        model = make_model()
+        opt = GaLoreAdamW(galore_groups(model), lr=1e-2, state_dtype=state_dtype)
+        train(model, opt, data)
+        runs[state_dtype] = (model, opt)
+    (m32, o32), (m16, o16) = runs["float32"], runs["bfloat16"]
+    start = make_model()
+    for p32, p16, p0 in zip(m32.parameters(), m16.parameters(), start.parameters()):
+        s32, s16 = o32.state[p32], o16.state[p16]
+        assert s16["exp_avg"].dtype == s16["exp_avg_sq"].dtype == torch.bfloat16
+        assert s16["exp_avg"].element_size() * 2 == s32["exp_avg"].element_size()
+        for key in ("proj_left", "proj_right"):
+            if key in s16:
+                assert s16[key].dtype == torch.float32
+        moved32 = (p32 - p0).detach().double()
+        assert float((p16 - p32).detach().double().norm()) <= 0.02 * float(moved32.norm())
+        assert not torch.equal(p16, p32)  # the rounding is real: the two runs are not the same run
+    rel = (o16.state[m16[0].weight]["exp_avg_sq"].double() - o32.state[m32[0].weight]["exp_avg_sq"].double()).norm()
+    assert float(rel) <= 0.02 * float(o32.state[m32[0].weight]["exp_avg_sq"].double().norm())
+
+
+def test_state_dtype_per_group_and_its_checks():
+    model = make_model()
+    groups = galore_groups(model)
+    groups[1]["state_dtype"] = torch.bfloat16  # the biases' group; aliases are canonicalised
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    train(model, opt, batches(1))
+    assert [g["state_dtype"] for g in opt.param_groups] == ["float32", "bfloat16"]
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
+    assert opt.state[model[0].bias]["exp_avg"].dtype == torch.bfloat16
+    for bad in ("float16", torch.float16, "int8", 16):
+        with pytest.raises(ValueError, match="state_dtype"):
+            GaLoreAdamW(make_model().parameters(), state_dtype=bad)
+    with pytest.raises(ValueError, match="param group 1: state_dtype"):
+        GaLoreAdamW([{"params": [model[0].weight]}, {"params": [model[0].bias], "state_dtype": "fp16"}])
+
+
+def test_checkpoint_from_before_state_dtype_loads_as_float32_state():
+    model = make_model()
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2)
+    train(model, opt, batches(2))
+    old = roundtrip(opt.state_dict())
+    for group in old["param_groups"]:
+        del group["state_dtype"]
+    fresh = GaLoreAdamW(galore_groups(model), lr=1e-2, state_dtype="bfloat16")
+    fresh.load_state_dict(old)
+    assert all(g["state_dtype"] == "float32" for g in fresh.param_groups)
+    train(model, fresh, batches(1, seed=5))
+    assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.float32
 
 
 def test_optimizer_arguments_are_checked():

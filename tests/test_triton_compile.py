@@ -49,6 +49,13 @@ def basis_variants():
             yield config, dtype, precision, basis
 
 
+def back_apply_variants():
+    """basis_variants, plus stochastic rounding for bf16 weights."""
+    for config, dtype, precision, basis in basis_variants():
+        for stochastic in ((False, True) if dtype == torch.bfloat16 else (False,)):
+            yield config, dtype, precision, basis, stochastic
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("config, dtype, precision, basis", list(basis_variants()))
 def test_project_kernel_compiles(side, config, dtype, precision, basis):
@@ -63,31 +70,37 @@ def test_project_kernel_compiles(side, config, dtype, precision, basis):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("config, dtype, precision, basis", list(basis_variants()))
-def test_back_apply_kernel_compiles(side, config, dtype, precision, basis):
+@pytest.mark.parametrize("config, dtype, precision, basis, stochastic", list(back_apply_variants()))
+def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stochastic):
     cfg = DEVICE_CONFIGS[config]  # N is always in the parameters' dtype
     a_dtype, b_dtype = (basis, dtype) if side == "left" else (dtype, basis)
     signature = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                 "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+                 "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     compile_kernel(back_apply._back_apply_kernel, signature, dict(
-        A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype], OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, INTERPRETER=False,
+        A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype], OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, STOCHASTIC=stochastic, INTERPRETER=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
 # Low-rank: the gradient operand is R (float32) and N comes out in the parameters' dtype; dense:
 # gradient and weight in the parameters' dtype.
-ADAM_VARIANTS = [(dense, dtype, bias) for dense in (False, True) for dtype in utils.SUPPORTED_DTYPES
-                 for bias in (True, False)]
+# Stochastic rounding: dense bf16 weights only (low-rank N is never rounded stochastically). Dense
+# 16-bit weights also take a float32 gradient (layer-wise mode's accumulated one).
+ADAM_VARIANTS = [(dense, dtype, grad, bias, state, stochastic) for dense in (False, True) for dtype in utils.SUPPORTED_DTYPES
+                 for grad in ({dtype, torch.float32} if dense else {torch.float32})
+                 for bias in (True, False) for state in utils.STATE_DTYPES
+                 for stochastic in ((False, True) if dense and dtype == torch.bfloat16 else (False,))]
 
 
-@pytest.mark.parametrize("dense, dtype, correct_bias", ADAM_VARIANTS)
-def test_adam_kernel_compiles(dense, dtype, correct_bias):
+@pytest.mark.parametrize("dense, dtype, grad_dtype, correct_bias, state_dtype, stochastic", ADAM_VARIANTS)
+def test_adam_kernel_compiles(dense, dtype, grad_dtype, correct_bias, state_dtype, stochastic):
     signature = {"grad_table": "*i64", "exp_avg_table": "*i64", "exp_avg_sq_table": "*i64", "out_table": "*i64",
-                 "steps_ptr": "*i32", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32", "numel": "i32",
+                 "steps_ptr": "*i32", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32", "seeds_ptr": "*i64", "numel": "i32",
                  **{k: "fp32" for k in ("beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay", "scale")}}
     compile_kernel(adam._adam_kernel, signature, dict(
-        GRAD_DTYPE=utils.TORCH_TO_TL[dtype if dense else torch.float32], OUT_DTYPE=utils.TORCH_TO_TL[dtype], DENSE=dense,
-        CORRECT_BIAS=correct_bias, INTERPRETER=False, BLOCK=utils.ELEMENTWISE_BLOCK), utils.ELEMENTWISE_WARPS)
+        GRAD_DTYPE=utils.TORCH_TO_TL[grad_dtype], STATE_DTYPE=utils.TORCH_TO_TL[state_dtype],
+        OUT_DTYPE=utils.TORCH_TO_TL[dtype], DENSE=dense,
+        CORRECT_BIAS=correct_bias, STOCHASTIC=stochastic, INTERPRETER=False, BLOCK=utils.ELEMENTWISE_BLOCK),
+        utils.ELEMENTWISE_WARPS)
 
 
 @pytest.mark.parametrize("dtype", utils.SUPPORTED_DTYPES)
@@ -147,13 +160,13 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
     cfg = DEVICE_CONFIGS["wide_16bit"]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
-    divisible = ("a_table", "b_table", "w_table", "lr_ptr", "nonfinite_ptr", "M", "N", "K")
+           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    divisible = ("a_table", "b_table", "w_table", "lr_ptr", "nonfinite_ptr", "seeds_ptr", "steps_ptr", "M", "N", "K")
     conversions = {}
     for operand in (tl.float32, tl.bfloat16):
         ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
             A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
-            INTERPRETER=False, **tiles), divisible)
+            STOCHASTIC=False, INTERPRETER=False, **tiles), divisible)
         assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx  # 16-byte asynchronous copies
         conversions[operand] = ptx.count("cvt.rn.bf16x2.f32")
     assert conversions[tl.bfloat16] < conversions[tl.float32] / 2, conversions

@@ -158,13 +158,18 @@ def same_shape_groups(model):
             {"params": [p for p in model.parameters() if p.dim() != 2]}]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_graph_replay_equals_eager_for_same_shape_layers(dtype):
+@pytest.mark.parametrize("dtype, options", [
+    (torch.bfloat16, {}), (torch.float16, {}), (torch.float32, {}),
+    # bf16 moments, and stochastic rounding (its Philox key reads the device step: a replay must draw
+    # the bits an eager step draws).
+    (torch.bfloat16, {"state_dtype": "bfloat16", "stochastic_rounding": True}),
+])
+def test_graph_replay_equals_eager_for_same_shape_layers(dtype, options):
     from galore_kernels.graphs import GraphedStep
 
     model_g, model_e = same_shape_model(dtype), same_shape_model(dtype)
-    opt_g = GaLoreAdamW(same_shape_groups(model_g), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
-    opt_e = GaLoreAdamW(same_shape_groups(model_e), lr=1e-3, weight_decay=0.01, backend="triton", seed=1)
+    opt_g = GaLoreAdamW(same_shape_groups(model_g), lr=1e-3, weight_decay=0.01, backend="triton", seed=1, **options)
+    opt_e = GaLoreAdamW(same_shape_groups(model_e), lr=1e-3, weight_decay=0.01, backend="triton", seed=1, **options)
     graphed = GraphedStep(opt_g)
     gen = torch.Generator(device="cuda").manual_seed(3)
     for _ in range(10):

@@ -36,8 +36,10 @@ class Bucket:
                       self.steps_before, self.side)
 
 
-def make_bucket(shape, rank, side, dtype, batch, steps_before, seed, device="cpu", weight_scale=0.02) -> Bucket:
-    """Fresh random weights, gradients, orthonormal bases and (after step 0) moments; never zeros."""
+def make_bucket(shape, rank, side, dtype, batch, steps_before, seed, device="cpu", weight_scale=0.02,
+                state_dtype=torch.float32) -> Bucket:
+    """Fresh random weights, gradients, orthonormal bases and (after step 0) moments in
+    ``state_dtype``; never zeros."""
     gen = generator(seed)
     m, n = shape
     params, grads, ms, vs, bases = [], [], [], [], []
@@ -48,10 +50,10 @@ def make_bucket(shape, rank, side, dtype, batch, steps_before, seed, device="cpu
         q = torch.linalg.qr(torch.randn(m if side == "left" else n, rank, generator=gen, dtype=torch.float64))[0]
         bases.append((q if side == "left" else q.T).float().contiguous())
         if steps_before == 0:
-            ms.append(torch.zeros(low)); vs.append(torch.zeros(low))
+            ms.append(torch.zeros(low, dtype=state_dtype)); vs.append(torch.zeros(low, dtype=state_dtype))
         else:
-            ms.append(torch.randn(low, generator=gen) * 0.1)
-            vs.append(torch.rand(low, generator=gen) * 0.01 + 1e-4)
+            ms.append((torch.randn(low, generator=gen) * 0.1).to(state_dtype))
+            vs.append((torch.rand(low, generator=gen) * 0.01 + 1e-4).to(state_dtype))
     b = Bucket(params, grads, ms, vs, bases, steps_before, side)
     if device != "cpu":
         b = Bucket(*[[t.to(device) for t in xs] for xs in (params, grads, ms, vs, bases)], steps_before, side)
@@ -88,8 +90,8 @@ def bucket_step_torch(b: Bucket, lr: float, weight_decay: float) -> list:
     for w, g, m, v, basis in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases):
         p = basis.to(operand)
         r = (p.T @ g if b.side == "left" else g @ p.T).float()
-        m1 = HP["beta1"] * m + (1 - HP["beta1"]) * r
-        v1 = HP["beta2"] * v + (1 - HP["beta2"]) * r * r
+        m1 = HP["beta1"] * m.float() + (1 - HP["beta1"]) * r
+        v1 = HP["beta2"] * v.float() + (1 - HP["beta2"]) * r * r
         n = (m1 / (v1.sqrt() + HP["eps"]) * (step_size(lr, t) * HP["scale"])).to(operand)
         back = (p @ n if b.side == "left" else n @ p).float()
         out.append(((w.float() - back) * (1 - lr * weight_decay)).to(w.dtype))
@@ -105,6 +107,34 @@ def update_error(new: Tensor, old: Tensor, expected64: Tensor) -> float:
 
 def relative_error(x: Tensor, ref64: Tensor) -> float:
     return float((x.double() - ref64).norm() / ref64.norm())
+
+
+def bf16_ulp(x: Tensor) -> Tensor:
+    """The spacing of bf16 values at |x| (float64): 2^(exponent - 7)."""
+    x = x.double().abs().clamp_min(2.0 ** -126)
+    return torch.exp2(torch.floor(torch.log2(x)) - 7)
+
+
+def rounding_bias_ratio(new: Tensor, old: Tensor, expected64: Tensor) -> float:
+    """For updates far below an ulp: how much of the expected movement the rounded weights made,
+    sum(sign(d) (new - old)) / sum(|d|) in ulps, d = expected - old. Round to nearest gives 0 (every
+    update lost); unbiased stochastic rounding gives 1 up to sampling noise."""
+    ulp = bf16_ulp(old)
+    d = (expected64 - old.double()) / ulp
+    moved = (new.double() - old.double()) / ulp
+    return float((torch.sign(d) * moved).sum() / d.abs().sum())
+
+
+def check_rounded_state(stored: Tensor, ref64: Tensor) -> None:
+    """bf16 moments are the float32 result rounded to nearest: each element is the float64
+    reference rounded to bf16, or (where float32 accumulation lands the value on the other side of
+    a rounding boundary) its bf16 neighbour, and that only rarely."""
+    assert stored.dtype == torch.bfloat16
+    nearest = ref64.to(torch.bfloat16)  # float64 -> bf16 rounds to nearest even once
+    differ = stored != nearest
+    ulp = (nearest.double().abs() * 2.0 ** -7).clamp_min(2.0 ** -133)
+    assert bool(((stored.double() - nearest.double()).abs() <= ulp * 1.001)[differ].all()), "off by more than one ulp"
+    assert int(differ.sum()) <= max(2, differ.numel() // 100), f"{int(differ.sum())} of {differ.numel()} differ"
 
 
 # Stated tolerances. A kernel's update error must stay within CONTROL_FACTOR times the error of the

@@ -2,7 +2,9 @@
 
 The Triton kernels implement the same functions under parallel names and are checked against these.
 Arithmetic is float32 whatever the parameter dtype: the gradient and the basis are read in float32,
-the moments are float32, and a bf16/fp16 weight is updated in float32 and rounded once. For float32
+a bf16/fp16 weight is updated in float32 and rounded once, and so are bf16 moments (the optimizer's
+``state_dtype="bfloat16"``): the update reads them in float32 and stores them rounded to nearest, the
+normalised step being computed from the unrounded float32 values (as torch's fused AdamW does). For float32
 parameters the operations run in galore-torch 1.0's order, so its trajectory is matched closely.
 """
 from __future__ import annotations
@@ -43,6 +45,25 @@ def project_back_reference(
     return proj_left.float() @ lowrank @ proj_right.float()
 
 
+# A stochastically rounded step draws its bits from a generator seeded with seed * MULT + step (the
+# Triton kernels key Philox the same way; the two backends' bits differ, each is reproducible).
+ROUNDING_KEY_MULTIPLIER = 1_000_003
+
+
+def stochastic_round_reference(
+    x: Tensor,  # float32
+    seed: int,  # the parameter's rounding seed, below 2^31
+    step: int,  # after the increment
+) -> Tensor:  # bf16, each element x rounded down or up with probability proportional to the distance
+    """Unbiased rounding to bf16: 16 uniform random bits are added to the 16 bits that bf16 drops,
+    and the sum is truncated, so the carry into the kept bits happens with the right probability."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed * ROUNDING_KEY_MULTIPLIER + step)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32, device=x.device)
+    bits = (x.contiguous().view(torch.int32) + noise) & -65536  # 0xFFFF0000 as an int32
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero
+
+
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
     """lr * sqrt(1 - b2^t) / (1 - b1^t), ``step`` counted after the increment (t >= 1)."""
     if not correct_bias:
@@ -53,8 +74,8 @@ def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bia
 def galore_adamw_update_reference(
     param: Tensor,  # (m, n), updated in place
     lowrank_grad: Tensor,  # projected gradient, float32 (the full gradient when side is None)
-    exp_avg: Tensor,  # same shape as lowrank_grad, float32, updated in place
-    exp_avg_sq: Tensor,  # same shape as lowrank_grad, float32, updated in place
+    exp_avg: Tensor,  # same shape as lowrank_grad, float32 or bf16, updated in place
+    exp_avg_sq: Tensor,  # same shape and dtype as exp_avg, updated in place
     proj_left: Optional[Tensor],
     proj_right: Optional[Tensor],
     *,
@@ -67,11 +88,17 @@ def galore_adamw_update_reference(
     weight_decay: float,
     scale: float,
     correct_bias: bool,
+    rounding_seed: Optional[int] = None,  # bf16 weights: round stochastically with this seed
 ) -> None:
     """Adam on the (projected) gradient, back-projection, then decoupled decay after the update."""
-    exp_avg.mul_(beta1).add_(lowrank_grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(lowrank_grad, lowrank_grad, value=1.0 - beta2)
-    normalized = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
+    v = exp_avg_sq if exp_avg_sq.dtype == torch.float32 else exp_avg_sq.float()
+    m.mul_(beta1).add_(lowrank_grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(lowrank_grad, lowrank_grad, value=1.0 - beta2)
+    normalized = m / v.sqrt().add_(eps)
+    if m is not exp_avg:  # low-precision moments: stored rounded, the step uses the float32 values
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
     if side is not None:
         normalized = project_back_reference(normalized, proj_left, proj_right, side) * scale
     step_size = adam_step_size(lr, beta1, beta2, step, correct_bias)
@@ -80,6 +107,8 @@ def galore_adamw_update_reference(
     if weight_decay > 0.0:
         target.add_(target, alpha=-lr * weight_decay)
     if target is not param:
+        if rounding_seed is not None and param.dtype == torch.bfloat16:
+            target = stochastic_round_reference(target, rounding_seed, step)
         param.copy_(target)
 
 
@@ -100,6 +129,7 @@ def galore_adamw_step_reference(
     weight_decay: float,
     scale: float,
     correct_bias: bool,
+    rounding_seed: Optional[int] = None,
 ) -> None:
     """project -> low-rank Adam -> back-project -> apply, for one parameter."""
     if side is None:
@@ -109,5 +139,5 @@ def galore_adamw_step_reference(
     galore_adamw_update_reference(
         param, lowrank, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-        correct_bias=correct_bias,
+        correct_bias=correct_bias, rounding_seed=rounding_seed,
     )

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
-                    load_pointer, pointer_table, stacked_scratch, stacked_table, to_dtype)
+                    load_pointer, pointer_table, round_weight, stacked_scratch, stacked_table, to_dtype)
 
 
 @triton.jit
@@ -36,12 +36,13 @@ def _one_minus_pow(t, log_beta):
 @triton.jit
 def _adam_kernel(
     grad_table,  # (B,) int64: projected gradient R (float32) or, dense, the gradient
-    exp_avg_table,  # (B,) int64: M, float32, updated in place
-    exp_avg_sq_table,  # (B,) int64: V, float32, updated in place
+    exp_avg_table,  # (B,) int64: M (STATE_DTYPE), updated in place
+    exp_avg_sq_table,  # (B,) int64: V (STATE_DTYPE), updated in place
     out_table,  # (B,) int64: N (float32) for low-rank, the weight (in place) for dense
     steps_ptr,  # (B,) int32: steps taken before this one
     lr_ptr,  # (1,) float32
     nonfinite_ptr,  # (B,) int32: nonzero = skip this matrix
+    seeds_ptr,  # (B,) int64: stochastic rounding seeds of dense bf16 weights (read only when STOCHASTIC)
     numel,
     beta1,
     beta2,
@@ -51,9 +52,11 @@ def _adam_kernel(
     weight_decay,
     scale,
     GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,  # the moments: float32, or bf16 (read in float32, stored rounded)
     OUT_DTYPE: tl.constexpr,
     DENSE: tl.constexpr,
     CORRECT_BIAS: tl.constexpr,
+    STOCHASTIC: tl.constexpr,  # dense bf16 weights rounded stochastically
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
     BLOCK: tl.constexpr,
 ):
@@ -68,24 +71,25 @@ def _adam_kernel(
         step_size = lr * tl.sqrt(_one_minus_pow(t, log_beta2)) / _one_minus_pow(t, log_beta1)
 
     grad_ptr = load_pointer(grad_table, batch, GRAD_DTYPE)
-    m_ptr = load_pointer(exp_avg_table, batch, tl.float32)
-    v_ptr = load_pointer(exp_avg_sq_table, batch, tl.float32)
+    m_ptr = load_pointer(exp_avg_table, batch, STATE_DTYPE)
+    v_ptr = load_pointer(exp_avg_sq_table, batch, STATE_DTYPE)
     out_ptr = load_pointer(out_table, batch, OUT_DTYPE)
     g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=inside, other=0.0)
-    v = tl.load(v_ptr + offs, mask=inside, other=0.0)
+    m = tl.load(m_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     normalized = m / (tl.sqrt(v) + eps)
     # A skipped matrix writes nothing: its limit drops to 0 (a mask built by comparisons only, as
     # Triton's interpreter mis-types a block mask and-ed with a scalar flag).
     update = offs < tl.where(finite, numel, 0)
-    tl.store(m_ptr + offs, m, mask=update)
-    tl.store(v_ptr + offs, v, mask=update)
+    tl.store(m_ptr + offs, to_dtype(m, STATE_DTYPE, INTERPRETER), mask=update)
+    tl.store(v_ptr + offs, to_dtype(v, STATE_DTYPE, INTERPRETER), mask=update)
     if DENSE:
         w = tl.load(out_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         w = (w - step_size * normalized) * (1.0 - lr * weight_decay)
-        tl.store(out_ptr + offs, to_dtype(w, OUT_DTYPE, INTERPRETER), mask=update)
+        w = round_weight(w, OUT_DTYPE, STOCHASTIC, seeds_ptr, steps_ptr, batch, offs, INTERPRETER)
+        tl.store(out_ptr + offs, w, mask=update)
     else:  # N in the back-projection's operand dtype: the GEMM reads it without a conversion
         tl.store(out_ptr + offs, to_dtype(normalized * (step_size * scale), OUT_DTYPE, INTERPRETER), mask=inside)
 
@@ -95,22 +99,24 @@ def _log(beta: float) -> float:
 
 
 def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, numel, grad_dtype,
-            out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias) -> None:
+            out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias, rounding_seeds=None) -> None:
     device = exp_avgs[0].device
     block = elementwise_block()
     grid = (triton.cdiv(numel, block), len(exp_avgs))
+    stochastic = rounding_seeds is not None
     _adam_kernel[grid](
         grad_table, pointer_table(exp_avgs, device), pointer_table(exp_avg_sqs, device), out_table,
-        steps, lr, nonfinite, numel, beta1, beta2, _log(beta1), _log(beta2), eps, weight_decay, scale,
-        GRAD_DTYPE=TORCH_TO_TL[grad_dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
-        CORRECT_BIAS=correct_bias, INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
+        steps, lr, nonfinite, rounding_seeds if stochastic else nonfinite, numel, beta1, beta2, _log(beta1),
+        _log(beta2), eps, weight_decay, scale,
+        GRAD_DTYPE=TORCH_TO_TL[grad_dtype], STATE_DTYPE=TORCH_TO_TL[exp_avgs[0].dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
+        CORRECT_BIAS=correct_bias, STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
     )
 
 
 def lowrank_adam_triton(
     lowrank: Tensor,  # (B, a, b) float32: R of every matrix in the bucket
-    exp_avgs: Sequence[Tensor],  # B x (a, b) float32, updated in place
-    exp_avg_sqs: Sequence[Tensor],  # B x (a, b) float32, updated in place
+    exp_avgs: Sequence[Tensor],  # B x (a, b) float32 or bf16 (STATE_DTYPES), updated in place
+    exp_avg_sqs: Sequence[Tensor],  # B x (a, b), like exp_avgs
     steps: Tensor,  # (B,) int32, steps before this one
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
@@ -131,14 +137,15 @@ def lowrank_adam_triton(
 def dense_adamw_triton(
     params: Sequence[Tensor],  # B tensors of one numel and dtype, updated in place
     grads: Sequence[Tensor],  # B tensors like params
-    exp_avgs: Sequence[Tensor],  # float32, like params
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],  # float32 or bf16, shaped like params
+    exp_avg_sqs: Sequence[Tensor],  # like exp_avgs
     steps: Tensor,  # (B,) int32
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool,
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: round bf16 weights stochastically
 ) -> None:
     device = params[0].device
     _launch(pointer_table(grads, device), exp_avgs, exp_avg_sqs, pointer_table(params, device), steps,
             lr, nonfinite, params[0].numel(), grads[0].dtype, params[0].dtype, True, beta1, beta2, eps,
-            weight_decay, 1.0, correct_bias)
+            weight_decay, 1.0, correct_bias, rounding_seeds)

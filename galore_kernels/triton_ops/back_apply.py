@@ -5,11 +5,12 @@ right: W <- (W - N Q) * (1 - lr * wd)    N: m x r, Q: r x n
 
 ``N`` arrives already multiplied by the Adam step size and GaLore's scale (see adam.py), so the
 epilogue is one subtraction and the decoupled decay. The product has K = r; one program owns one
-tile of W, reads it once and writes it once. 16-bit weights are updated in float32 and rounded once.
+tile of W, reads it once and writes it once. 16-bit weights are updated in float32 and rounded once,
+to nearest or (bf16, on request) stochastically (utils.round_weight).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -17,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, load_pointer, pointer_table,
-                    stacked_table, tile_product, to_dtype)
+                    round_weight, stacked_table, tile_product)
 
 
 @triton.jit
@@ -27,6 +28,8 @@ def _back_apply_kernel(
     w_table,  # (B,) int64: the weights, updated in place
     lr_ptr,  # (1,) float32
     nonfinite_ptr,  # (B,) int32: nonzero = leave this weight untouched
+    seeds_ptr,  # (B,) int64: stochastic rounding seeds (read only when STOCHASTIC)
+    steps_ptr,  # (B,) int32: steps before this one (read only when STOCHASTIC)
     M,
     N,
     K,
@@ -36,6 +39,7 @@ def _back_apply_kernel(
     W_DTYPE: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
+    STOCHASTIC: tl.constexpr,  # bf16 weights rounded stochastically
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -60,12 +64,13 @@ def _back_apply_kernel(
     finite = tl.load(nonfinite_ptr + batch) == 0
     decay = 1.0 - tl.load(lr_ptr) * weight_decay
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    w_tile = w_ptr + offs_m[:, None] * N + offs_n[None, :]
-    w = tl.load(w_tile, mask=inside, other=0.0).to(tl.float32)
+    offs_w = offs_m[:, None] * N + offs_n[None, :]
+    w = tl.load(w_ptr + offs_w, mask=inside, other=0.0).to(tl.float32)
     w = (w - acc) * decay
     # A skipped weight writes nothing (its row limit drops to 0; see adam.py on the mask).
     update = (offs_m[:, None] < tl.where(finite, M, 0)) & (offs_n[None, :] < N)
-    tl.store(w_tile, to_dtype(w, W_DTYPE, INTERPRETER), mask=update)
+    w = round_weight(w, W_DTYPE, STOCHASTIC, seeds_ptr, steps_ptr, batch, offs_w, INTERPRETER)
+    tl.store(w_ptr + offs_w, w, mask=update)
 
 
 def back_apply_triton(
@@ -75,6 +80,8 @@ def back_apply_triton(
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, side: str, weight_decay: float,
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: round bf16 weights stochastically
+    steps: Optional[Tensor] = None,  # (B,) int32 steps before this one: needed with rounding_seeds
 ) -> None:
     device, dtype = params[0].device, params[0].dtype
     m, n = params[0].shape
@@ -84,10 +91,12 @@ def back_apply_triton(
     a_dtype, b_dtype = (bases[0].dtype, normalized.dtype) if side == "left" else (normalized.dtype, bases[0].dtype)
     cfg = gemm_config(m, n, dtype, len(params))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
+    stochastic = rounding_seeds is not None
     _back_apply_kernel[grid](
-        a_table, b_table, pointer_table(params, device), lr, nonfinite, m, n, rank, weight_decay,
+        a_table, b_table, pointer_table(params, device), lr, nonfinite,
+        rounding_seeds if stochastic else nonfinite, steps if stochastic else nonfinite, m, n, rank, weight_decay,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
-        INTERPRETER=interpreter_workarounds(),
+        STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -25,7 +25,7 @@ from .adam import dense_adamw_triton, lowrank_adam_triton
 from .back_apply import back_apply_triton
 from .nonfinite import nonfinite_flags_triton
 from .project import lowrank_project_triton
-from .utils import SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
+from .utils import STATE_DTYPES, SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
 
 
 def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> None:
@@ -47,10 +47,27 @@ def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr,
     if bases[0].dtype not in (torch.float32, dtype):
         raise ValueError(f"bases must be float32 or the parameters' dtype {dtype}, got {bases[0].dtype}.")
     check_bucket("bases", bases, (m, rank) if side == "left" else (rank, n), bases[0].dtype)
-    lowrank = (rank, n) if side == "left" else (m, rank)
-    check_bucket("exp_avgs", exp_avgs, lowrank, torch.float32)
-    check_bucket("exp_avg_sqs", exp_avg_sqs, lowrank, torch.float32)
+    _check_moments(exp_avgs, exp_avg_sqs, (rank, n) if side == "left" else (m, rank))
     _check_scalars(steps, lr, params[0].device)
+
+
+def _check_moments(exp_avgs, exp_avg_sqs, shape: tuple) -> None:
+    dtype = exp_avgs[0].dtype
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"exp_avgs are {dtype}; the Triton step keeps moments in float32 or bfloat16.")
+    check_bucket("exp_avgs", exp_avgs, shape, dtype)
+    check_bucket("exp_avg_sqs", exp_avg_sqs, shape, dtype)
+
+
+def _check_rounding_seeds(rounding_seeds: Optional[Tensor], count: int, dtype: torch.dtype, device: torch.device) -> None:
+    if rounding_seeds is None:
+        return
+    if dtype != torch.bfloat16:
+        raise ValueError(f"rounding_seeds: stochastic rounding is for bf16 weights, these are {dtype}; pass None.")
+    if (rounding_seeds.dtype != torch.int64 or tuple(rounding_seeds.shape) != (count,) or rounding_seeds.device != device
+            or not rounding_seeds.is_contiguous()):
+        raise ValueError(f"rounding_seeds must be a contiguous ({count},) int64 tensor on {device}, got "
+                         f"{rounding_seeds.dtype} {tuple(rounding_seeds.shape)} on {rounding_seeds.device}.")
 
 
 def _check_scalars(steps: Tensor, lr: Tensor, device: torch.device) -> None:
@@ -63,23 +80,25 @@ def _check_scalars(steps: Tensor, lr: Tensor, device: torch.device) -> None:
 def galore_adamw_step_triton(
     params: Sequence[Tensor],  # B x (m, n), updated in place
     grads: Sequence[Tensor],  # B x (m, n), same dtype as params
-    exp_avgs: Sequence[Tensor],  # B x (r, n) left / (m, r) right, float32, updated in place
+    exp_avgs: Sequence[Tensor],  # B x (r, n) left / (m, r) right, float32 or bf16, updated in place
     exp_avg_sqs: Sequence[Tensor],  # like exp_avgs
     bases: Sequence[Tensor],  # B x (m, r) left / (r, n) right, float32 or the params' dtype (faster)
     steps: Tensor,  # (B,) int32 steps taken so far; incremented
     lr: Tensor,  # (1,) float32
     *, side: str, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
     correct_bias: bool = True,
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: bf16 weights rounded stochastically
 ) -> None:
     """project -> low-rank Adam -> back-project -> apply for a bucket; a matrix whose gradient
     holds Inf/NaN keeps its weight and moments (its step still counts)."""
     _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side)
+    _check_rounding_seeds(rounding_seeds, len(params), params[0].dtype, params[0].device)
     _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                          weight_decay, scale, correct_bias)
+                          weight_decay, scale, correct_bias, rounding_seeds=rounding_seeds)
 
 
 def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                          weight_decay, scale, correct_bias, skipped=None) -> None:
+                          weight_decay, scale, correct_bias, skipped=None, rounding_seeds=None) -> None:
     rank = bases[0].shape[1] if side == "left" else bases[0].shape[0]
     lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
     if skipped is not None:
@@ -87,18 +106,20 @@ def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr
     normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=params[0].dtype)
-    back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay)
+    back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay,
+                      rounding_seeds=rounding_seeds, steps=steps)
     steps.add_(1)
 
 
 def dense_adamw_step_triton(
     params: Sequence[Tensor],  # B tensors of one numel and dtype, updated in place
     grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],  # float32, like params
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],  # float32 or bf16, shaped like params
+    exp_avg_sqs: Sequence[Tensor],  # like exp_avgs
     steps: Tensor,  # (B,) int32; incremented
     lr: Tensor,  # (1,) float32
     *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool = True,
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: bf16 weights rounded stochastically
 ) -> None:
     """AdamW with decay after the update (galore-torch's rule for parameters without a rank)."""
     if not params:
@@ -110,20 +131,20 @@ def dense_adamw_step_triton(
         raise ValueError("bucket lists differ in length.")
     check_bucket("params", params, shape, dtype)
     check_bucket("grads", grads, shape, dtype)
-    check_bucket("exp_avgs", exp_avgs, shape, torch.float32)
-    check_bucket("exp_avg_sqs", exp_avg_sqs, shape, torch.float32)
+    _check_moments(exp_avgs, exp_avg_sqs, shape)
     _check_scalars(steps, lr, params[0].device)
+    _check_rounding_seeds(rounding_seeds, len(params), dtype, params[0].device)
     _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                         correct_bias)
+                         correct_bias, rounding_seeds=rounding_seeds)
 
 
 def _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                         correct_bias, skipped=None) -> None:
+                         correct_bias, skipped=None, rounding_seeds=None) -> None:
     nonfinite = nonfinite_flags_triton(grads)
     if skipped is not None:
         skipped.add_(nonfinite)
     dense_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1, beta2=beta2,
-                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds)
     steps.add_(1)
 
 
@@ -133,15 +154,15 @@ def _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1,
 def _galore_step_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], bases: list[Tensor], steps: Tensor, lr: Tensor, side: str,
                     beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                    correct_bias: bool) -> None:
+                    correct_bias: bool, rounding_seeds: Optional[Tensor] = None) -> None:
     galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                             correct_bias=correct_bias)
+                             correct_bias=correct_bias, rounding_seeds=rounding_seeds)
 
 
 @_galore_step_op.register_fake
 def _galore_step_fake(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                      weight_decay, scale, correct_bias) -> None:
+                      weight_decay, scale, correct_bias, rounding_seeds=None) -> None:
     return None
 
 
@@ -149,51 +170,61 @@ def _galore_step_fake(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, si
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
 def _dense_step_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                    exp_avg_sqs: list[Tensor], steps: Tensor, lr: Tensor, beta1: float, beta2: float,
-                   eps: float, weight_decay: float, correct_bias: bool) -> None:
+                   eps: float, weight_decay: float, correct_bias: bool, rounding_seeds: Optional[Tensor] = None) -> None:
     dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, correct_bias=correct_bias)
+                            weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds)
 
 
 @_dense_step_op.register_fake
 def _dense_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                     correct_bias) -> None:
+                     correct_bias, rounding_seeds=None) -> None:
     return None
 
 
 def galore_bucket_step(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
                        weight_decay, scale, correct_bias, *, validated: bool = False,
-                       skipped: Optional[Tensor] = None) -> None:
+                       skipped: Optional[Tensor] = None, rounding_seeds: Optional[Tensor] = None) -> None:
     """The bucket step for callers that hold a bucket (the optimizer): the custom op while
     ``torch.compile`` traces, the launcher itself otherwise (the op's dispatch costs host time).
     ``validated=True`` (the caller guarantees shapes, dtypes, contiguity and alignment) skips the
     per-tensor checks, a few microseconds per tensor and step. ``skipped`` ((B,) int32, optional)
-    counts, per matrix, the steps whose update the non-finite guard masked (eager only)."""
+    counts, per matrix, the steps whose update the non-finite guard masked (eager only).
+    ``rounding_seeds`` ((B,) int64, bf16 weights only): round the weights stochastically."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_galore_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps, weight_decay,
-            scale, correct_bias)
+            scale, correct_bias, rounding_seeds)
     if validated:
         return _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2,
-                                     eps, weight_decay, scale, correct_bias, skipped)
+                                     eps, weight_decay, scale, correct_bias, skipped, rounding_seeds)
     galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                             correct_bias=correct_bias)
+                             correct_bias=correct_bias, rounding_seeds=rounding_seeds)
 
 
 def dense_bucket_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                      correct_bias, *, validated: bool = False, skipped: Optional[Tensor] = None) -> None:
+                      correct_bias, *, validated: bool = False, skipped: Optional[Tensor] = None,
+                      rounding_seeds: Optional[Tensor] = None) -> None:
     """Like :func:`galore_bucket_step`, for rank-less parameters."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_dense_adamw_step(
-            params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, correct_bias)
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, correct_bias,
+            rounding_seeds)
     if validated:
         return _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                                    weight_decay, correct_bias, skipped)
+                                    weight_decay, correct_bias, skipped, rounding_seeds)
     dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, correct_bias=correct_bias)
+                            weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds)
 
 
 # ------------------------------------------------------------- single-parameter adapters (dispatch)
+def _device_seed(rounding_seed: Optional[int], param: Tensor) -> Optional[Tensor]:
+    """The (1,) int64 seed tensor of one bf16 parameter's stochastic rounding (None: to nearest)."""
+    if rounding_seed is None or param.dtype != torch.bfloat16:
+        return None
+    return torch.full((1,), rounding_seed, dtype=torch.int64, device=param.device)
+
+
 def _device_scalars(step: int, lr, device: torch.device) -> tuple[Tensor, Tensor]:
     """The (steps, lr) device tensors for one parameter: fills, no host-to-device copy (a tensor
     ``lr`` is used as it is: reading it into a float would synchronise)."""
@@ -206,21 +237,23 @@ def _device_scalars(step: int, lr, device: torch.device) -> tuple[Tensor, Tensor
 def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                 proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
                 beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                correct_bias: bool) -> None:
+                correct_bias: bool, rounding_seed: Optional[int] = None) -> None:
     """``reference.galore_adamw_step_reference`` on the kernels (``step`` counted after the increment)."""
     if side == "full" or not kernel_fits(param, grad):
         return reference_step.galore_adamw_step_reference(
             param, grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
-            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias,
+            rounding_seed=rounding_seed)
     steps, lr_t = _device_scalars(step, lr, param.device)
+    seeds = _device_seed(rounding_seed, param)
     if side is None:
         dense_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], steps, lr_t, beta1=beta1, beta2=beta2,
-                                eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+                                eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=seeds)
         return None
     basis = kernel_basis(proj_left if side == "left" else proj_right)
     galore_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], [basis], steps, lr_t, side=side,
                              beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                             correct_bias=correct_bias)
+                             correct_bias=correct_bias, rounding_seeds=seeds)
     return None
 
 
@@ -235,23 +268,32 @@ def project_triton(grad: Tensor, proj_left: Optional[Tensor], proj_right: Option
 
 
 def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                  proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
+                    proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                  correct_bias: bool) -> None:
-    """``reference.galore_adamw_update_reference`` on the Adam and back-projection kernels."""
-    if side in (None, "full") or not kernel_fits(param, param):
+                  correct_bias: bool, rounding_seed: Optional[int] = None) -> None:
+    """``reference.galore_adamw_update_reference`` on the Adam and back-projection kernels (for a
+    parameter without a rank: the dense Adam kernel, which reads the float32 gradient as it is)."""
+    dense_fits = side is None and lowrank_grad.dtype == torch.float32 and kernel_fits(lowrank_grad, lowrank_grad)
+    if side == "full" or not kernel_fits(param, param) or (side is None and not dense_fits):
         return reference_step.galore_adamw_update_reference(
             param, lowrank_grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
-            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias)
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias,
+            rounding_seed=rounding_seed)
     steps, lr_t = _device_scalars(step, lr, param.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
+    if side is None:
+        dense_adamw_triton([param], [lowrank_grad], [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
+                           beta2=beta2, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                           rounding_seeds=_device_seed(rounding_seed, param))
+        return None
     basis = kernel_basis(proj_left if side == "left" else proj_right)
     lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
     lowrank[0].copy_(lowrank_grad)
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=param.dtype)
-    back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay)
+    back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay,
+                      rounding_seeds=_device_seed(rounding_seed, param), steps=steps)
     return None
 
 

@@ -19,6 +19,7 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SVD_METHODS = ("randomized", "exact")
 REFRESH_POLICIES = ("fixed", "adaptive")
+STATE_DTYPES = ("float32", "bfloat16")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
@@ -98,6 +99,8 @@ class OptimizerConfig:
     refresh_offset: Union[int, str] = 0
     refresh_policy: str = "fixed"  # fixed | adaptive (the gap doubles while the subspace holds still)
     max_proj_gap: Optional[int] = None  # adaptive: longest gap; null = 8 * update_proj_gap
+    state_dtype: str = "float32"  # Adam moments (GaLore and plain AdamW groups): float32 | bfloat16 (half the bytes)
+    stochastic_rounding: bool = False  # bf16 weights (training.precision: bf16) rounded stochastically
 
 
 @dataclass
@@ -257,6 +260,7 @@ def validate(config: Config, source: str) -> None:
     choice(o.svd, "optimizer.svd", SVD_METHODS)
     choice(o.proj_type, "optimizer.proj_type", PROJ_TYPES)
     choice(o.refresh_policy, "optimizer.refresh_policy", REFRESH_POLICIES)
+    choice(o.state_dtype, "optimizer.state_dtype", STATE_DTYPES)
     need(o.max_proj_gap is None or o.max_proj_gap >= o.update_proj_gap, "optimizer.max_proj_gap",
          f"= {o.max_proj_gap} must be null or >= optimizer.update_proj_gap = {o.update_proj_gap}")
     choice(t.precision, "training.precision", PRECISIONS)

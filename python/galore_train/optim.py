@@ -70,6 +70,7 @@ def build_optimizer(model: torch.nn.Module, routing: RoutingTable, config: Confi
     kind = routing.optimizer_type
     schedule = lr_lambda(config, total_steps)
     common = dict(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    galore_options = dict(state_dtype=o.state_dtype, stochastic_rounding=o.stochastic_rounding)
     plain = routing.adamw_params(model)
     galore = routing.galore_params(model) if kind in ("galore", "galore_layerwise") else []
     groups = []
@@ -84,7 +85,7 @@ def build_optimizer(model: torch.nn.Module, routing: RoutingTable, config: Confi
     if kind == "galore_layerwise":
         handle = attach_layerwise(
             model, groups, lr=t.lr, grad_accumulation_steps=t.gradient_accumulation_steps,
-            max_grad_norm=t.max_grad_norm, lr_lambda=schedule, seed=t.seed, **common,
+            max_grad_norm=t.max_grad_norm, lr_lambda=schedule, seed=t.seed, **galore_options, **common,
         )
         return OptimizerBundle(kind, handle.optimizer, None, handle)
     if kind == "adamw8bit":
@@ -92,6 +93,6 @@ def build_optimizer(model: torch.nn.Module, routing: RoutingTable, config: Confi
 
         optimizer = bnb.optim.AdamW8bit(plain, lr=t.lr, **common)
     else:  # galore, adamw
-        optimizer = GaLoreAdamW(groups, lr=t.lr, seed=t.seed, **common)
+        optimizer = GaLoreAdamW(groups, lr=t.lr, seed=t.seed, **galore_options, **common)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return OptimizerBundle(kind, optimizer, scheduler)

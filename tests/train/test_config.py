@@ -45,6 +45,7 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("training:\n  precision: fp8\n", "training.precision"),
     ("optimizer:\n  type: sgd\n", "optimizer.type"),
     ("optimizer:\n  rank: 0\n", "optimizer.rank"),
+    ("optimizer:\n  state_dtype: float16\n", "optimizer.state_dtype"),
 ])
 def test_wrong_types_and_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -130,6 +130,24 @@ def test_record_tensors_galore_classification():
         assert again["gradients"] is None
 
 
+def test_bf16_state_dtype_halves_the_recorded_moments():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    held = {}
+    for state_dtype in ("float32", "bfloat16"):
+        opt = GaLoreAdamW([{"params": [lin.weight], "rank": 4}, {"params": [lin.bias]}], lr=1e-3,
+                          state_dtype=state_dtype)
+        lin.zero_grad()
+        lin(torch.randn(3, 16)).sum().backward()
+        opt.step()
+        tracker = MemoryTracker("cpu")
+        tracker.record_tensors(lin, opt)
+        held[state_dtype] = tracker.report()["tensors"]["optimizer_state"]
+    for category in ("galore_moments", "adam_moments"):
+        assert held["bfloat16"][category]["bytes"] * 2 == held["float32"][category]["bytes"] > 0
+    assert held["bfloat16"]["galore_projection"] == held["float32"]["galore_projection"]  # bases stay float32
+
+
 def test_record_tensors_adamw_tied_and_frozen():
     class Tied(nn.Module):
         def __init__(self):

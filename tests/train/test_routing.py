@@ -217,3 +217,15 @@ def test_format_after_fallback_shows_requested_type(int8_model):
     text = route_parameters(model, config).format()
     assert "optimizer: adamw, requested galore" in text.splitlines()[0]
     assert re.search(r"model\.layers\.\*\.mlp\.down_proj\.weight\s+x2\s+32x64\s+int8\s+frozen", text)
+
+
+@pytest.mark.parametrize("kind", ["galore", "galore_layerwise", "adamw"])
+def test_state_dtype_and_rounding_reach_every_group_of_the_built_optimizer(kind):
+    from galore_train.optim import build_optimizer
+
+    model, config = tiny(optimizer={"type": kind, "state_dtype": "bfloat16", "stochastic_rounding": True})
+    bundle = build_optimizer(model, route_parameters(model, config), config, total_steps=10)
+    groups = bundle.optimizer.param_groups
+    assert [(g["state_dtype"], g["stochastic_rounding"]) for g in groups] == [("bfloat16", True)] * len(groups)
+    if bundle.layerwise is not None:
+        bundle.layerwise.remove()

@@ -5,8 +5,9 @@ import zlib
 import pytest
 import torch
 
-from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bucket_step64, bucket_step_torch,
-                           make_bucket, relative_error, step_size, update_error)
+from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bf16_ulp, bucket_step64, bucket_step_torch,
+                           check_rounded_state, make_bucket, relative_error, rounding_bias_ratio, step_size,
+                           update_error)
 
 from galore_kernels.triton_ops.adam import dense_adamw_triton, lowrank_adam_triton
 from galore_kernels.triton_ops.nonfinite import nonfinite_flags_triton
@@ -17,10 +18,10 @@ SHAPES = [(33, 65), (65, 33), (48, 80)]
 LR = 0.1
 
 
-def run_bucket(b, lr, weight_decay):
+def run_bucket(b, lr, weight_decay, rounding_seeds=None):
     steps = torch.full((len(b.params),), b.steps_before, dtype=torch.int32)
     galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps,
-                             torch.tensor([lr]), side=b.side, weight_decay=weight_decay, **HP)
+                             torch.tensor([lr]), side=b.side, weight_decay=weight_decay, rounding_seeds=rounding_seeds, **HP)
     return steps
 
 
@@ -45,6 +46,76 @@ def test_galore_bucket_step_matches_float64(shape, rank, side, dtype, weight_dec
         assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
         assert relative_error(b.exp_avg_sqs[i], expected_v[i]) <= MOMENT_TOL[dtype]
         assert b.params[i].dtype == dtype and torch.isfinite(b.params[i]).all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("steps_before", [0, 5])
+def test_bf16_moments_are_rounded_once_and_the_step_uses_float32(side, dtype, steps_before):
+    """state_dtype="bfloat16": the moments are read in float32 and stored rounded to nearest; the
+    update is computed from the unrounded values, so it has the float32-moment tolerance."""
+    b = make_bucket((33, 65), 8, side, dtype, batch=2, steps_before=steps_before, seed=41 + steps_before,
+                    state_dtype=torch.bfloat16)
+    old = b.clone()
+    expected_w, expected_m, expected_v = bucket_step64(old, LR, 0.1)
+    control = bucket_step_torch(old, LR, 0.1)
+    for x in b.exp_avgs:
+        assert x.dtype == torch.bfloat16
+    run_bucket(b, LR, 0.1)
+    for i in range(2):
+        err = update_error(b.params[i], old.params[i], expected_w[i])
+        control_err = update_error(control[i], old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[dtype], (i, err, control_err)
+        check_rounded_state(b.exp_avgs[i], expected_m[i])
+        check_rounded_state(b.exp_avg_sqs[i], expected_v[i])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_stochastic_rounding_keeps_updates_far_below_an_ulp(side):
+    """lr 1e-2 with weights ~0.3: the updates are about a tenth of an ulp. Round to nearest loses
+    nearly all of them; stochastic rounding moves each weight to a bf16 neighbour of its float32 value
+    and, summed, by the expected amount (sampling noise about 5% here). Weights near 0.3 so that no
+    update crosses a binade."""
+    lr = 1e-2
+    b = make_bucket((48, 80), 8, side, torch.bfloat16, batch=2, steps_before=3, seed=23, weight_scale=1.0)
+    for w in b.params:
+        w.copy_((w.float().sign() * 0.3 + w.float() * 1e-3).bfloat16())  # |w| in [0.25, 0.5)
+    old = b.clone()
+    expected_w, _, _ = bucket_step64(old, lr, 0.0)
+    nearest = b.clone()
+    run_bucket(nearest, lr, 0.0)
+    for i in range(2):
+        assert rounding_bias_ratio(nearest.params[i], old.params[i], expected_w[i]) < 0.25  # the few above half an ulp
+    seeds = torch.tensor([5, 6], dtype=torch.int64)
+    run_bucket(b, lr, 0.0, rounding_seeds=seeds)
+    for i in range(2):
+        off = (b.params[i].double() - expected_w[i]).abs() / bf16_ulp(expected_w[i])
+        assert float(off.max()) <= 1.0, "not a bf16 neighbour of the float32 value"
+        ratio = rounding_bias_ratio(b.params[i], old.params[i], expected_w[i])
+        assert 0.85 < ratio < 1.15, ratio
+    again = old.clone()
+    run_bucket(again, lr, 0.0, rounding_seeds=seeds)
+    assert all(torch.equal(x, y) for x, y in zip(again.params, b.params))  # reproducible
+    other = old.clone()
+    run_bucket(other, lr, 0.0, rounding_seeds=torch.tensor([7, 6], dtype=torch.int64))
+    assert not torch.equal(other.params[0], b.params[0]) and torch.equal(other.params[1], b.params[1])
+
+
+def test_stochastic_rounding_of_dense_weights():
+    shape, lr = (65, 33), 1e-3
+    params = [torch.ones(shape, dtype=torch.bfloat16) for _ in range(2)]
+    grads = [torch.ones(shape, dtype=torch.bfloat16) for _ in range(2)]
+    ms, vs = [torch.zeros(shape) for _ in range(2)], [torch.zeros(shape) for _ in range(2)]
+    steps = torch.zeros(2, dtype=torch.int32)
+    dense_adamw_step_triton(params, grads, ms, vs, steps, torch.tensor([lr]), beta1=0.9, beta2=0.999, eps=0.0,
+                            weight_decay=0.0, rounding_seeds=torch.tensor([1, 2], dtype=torch.int64))
+    # The first Adam step is -lr exactly: 1 - 1e-3 lies between 1 - 2^-8 and 1, 0.256 of the way down.
+    for w in params:
+        values = set(w.float().unique().tolist())
+        assert values <= {1.0, 1.0 - 2**-8}
+        fraction = float((w.float() < 1).double().mean())
+        assert abs(fraction - 1e-3 / 2**-8) < 0.05, fraction
+    assert not torch.equal(params[0], params[1])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -140,6 +211,28 @@ def test_dense_bucket_step_matches_float64(shape, dtype, weight_decay):
         assert update_error(params[i], old[i], w) <= UPDATE_TOL[dtype]
         assert relative_error(ms[i], m) <= 1e-6
     assert torch.equal(params[2], old[2]) and torch.equal(ms[2], m0[2]) and torch.equal(vs[2], v0[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_bucket_step_with_bf16_moments(dtype):
+    gen = torch.Generator().manual_seed(5)
+    shape = (65, 33)
+    params = [(torch.randn(shape, generator=gen) * 0.02).to(dtype) for _ in range(2)]
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2)]
+    ms = [(torch.randn(shape, generator=gen) * 0.1).bfloat16() for _ in range(2)]
+    vs = [(torch.rand(shape, generator=gen) * 0.01 + 1e-4).bfloat16() for _ in range(2)]
+    old, m0, v0 = [x.clone() for x in params], [x.clone() for x in ms], [x.clone() for x in vs]
+    steps = torch.tensor([3, 3], dtype=torch.int32)
+    dense_adamw_step_triton(params, grads, ms, vs, steps, torch.tensor([LR]), beta1=0.9, beta2=0.999, eps=1e-6,
+                            weight_decay=0.1)
+    for i in range(2):
+        g = grads[i].double()
+        m = 0.9 * m0[i].double() + 0.1 * g
+        v = 0.999 * v0[i].double() + 0.001 * g * g
+        w = (old[i].double() - step_size(LR, 4) * m / (v.sqrt() + 1e-6)) * (1 - LR * 0.1)
+        assert update_error(params[i], old[i], w) <= UPDATE_TOL[dtype]
+        check_rounded_state(ms[i], m)
+        check_rounded_state(vs[i], v)
 
 
 def test_nonfinite_flags():

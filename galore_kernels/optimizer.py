@@ -6,10 +6,10 @@ the default, or ``"exact"``), ``oversample``, ``niter`` and ``refresh_offset``. 
 with ``svd="exact"`` and float32 parameters the trajectory follows galore-torch step for step.
 
 Differences from galore-torch, each on purpose:
-- ``exp_avg``/``exp_avg_sq`` are float32 whatever the parameter dtype (``state_dtype="bfloat16"``,
-  per group or for all, halves them: read in float32, stored rounded), and the projection bases are
-  float32; both keep their dtype through ``load_state_dict`` (torch's base class would cast them to
-  the parameter's dtype).
+- ``exp_avg``/``exp_avg_sq`` are float32 whatever the parameter dtype, and so are the projection
+  bases. ``state_dtype="bfloat16"`` (per group or for all) halves the moments (read in float32,
+  stored rounded) and keeps the bases of bf16/fp16 weights in the weights' dtype. Both keep their
+  dtype through ``load_state_dict`` (torch's base class would cast them to the parameter's dtype).
 - ``stochastic_rounding=True`` (per group or for all) rounds bf16 weights to a bf16 neighbour with
   probabilities proportional to the distances, from random bits keyed by (seed, parameter index,
   step): unbiased, reproducible, resumable (see the README).
@@ -61,7 +61,7 @@ REFRESH_POLICIES = ("fixed", "adaptive")
 # A batched refresh stacks the gradients of same-shape parameters; this bounds the stacked copy.
 BATCHED_REFRESH_BYTES = 256 * 2**20
 # State tensors that load_state_dict must put back in their saved dtype (torch would cast them to the
-# parameter's): the moments (the group's state_dtype) and the bases (float32).
+# parameter's): the moments (the group's state_dtype) and the bases (basis_dtype()).
 KEEP_DTYPE_STATE = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
 # state_dtype: the moments' dtype. fp16 is not offered: (1 - beta2) g^2 underflows it for small gradients.
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -252,10 +252,11 @@ class GaLoreAdamW(Optimizer):
         self._last_buckets.append((key, params))
 
     def _operand_basis(self, p: Tensor, basis: Tensor) -> Tensor:
-        """The basis in the kernels' operand dtype: float32 for float32 weights; for bf16/fp16 weights
+        """The basis in the kernels' operand dtype: the state's own when it has the weights' dtype
+        (float32 weights; 16-bit weights with ``state_dtype="bfloat16"``); else, for bf16/fp16 weights,
         a copy in their dtype, made once per refresh (the state keeps the float32 basis), so the
         tensor cores read it without a conversion. The kernels round it to that dtype anyway."""
-        if p.dtype == torch.float32:
+        if basis.dtype == p.dtype:
             return basis
         cached = self._operand_bases.get(id(p))
         if cached is None or cached[0] is not basis or cached[1].dtype != p.dtype:
@@ -499,7 +500,8 @@ class GaLoreAdamW(Optimizer):
         new = {key: basis.float() for key, basis in bases.items() if basis is not None}
         if group["refresh_policy"] == "adaptive":
             self._adapt_gap(group, state, new, self.param_info(p)[2])
-        state.update(new)
+        dtype = basis_dtype(p, group)
+        state.update({key: basis.to(dtype) for key, basis in new.items()})
         state["refresh_count"] += 1
 
     def _refresh_batched(self, group: dict) -> None:
@@ -565,7 +567,8 @@ class GaLoreAdamW(Optimizer):
     # --------------------------------------------------------------------------- state dicts
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts every floating state tensor to its parameter's dtype; GaLore's moments
-        (the group's ``state_dtype``) and bases (float32) are put back from the saved tensors unchanged.
+        (the group's ``state_dtype``) and bases (see :func:`basis_dtype`) are put back from the saved
+        tensors unchanged.
         A checkpoint from before ``state_dtype`` existed loads as float32 state."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
@@ -613,13 +616,22 @@ def lowrank_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, in
 
 def subspace_overlap(old: dict, new: dict) -> float:
     """Mean over the projected sides of ||B_old^T B_new||_F^2 / r: 1 for the same subspace, about
-    r / dim for unrelated ones."""
+    r / dim for unrelated ones (in float32, whatever dtype the stored bases have)."""
     overlaps = []
     if "proj_left" in new:  # (m, r) columns
-        overlaps.append((old["proj_left"].T @ new["proj_left"]).square().sum() / new["proj_left"].shape[1])
+        overlaps.append((old["proj_left"].float().T @ new["proj_left"].float()).square().sum() / new["proj_left"].shape[1])
     if "proj_right" in new:  # (r, n) rows
-        overlaps.append((old["proj_right"] @ new["proj_right"].T).square().sum() / new["proj_right"].shape[0])
+        overlaps.append((old["proj_right"].float() @ new["proj_right"].float().T).square().sum() / new["proj_right"].shape[0])
     return float(sum(overlaps) / len(overlaps))
+
+
+def basis_dtype(p: Tensor, group: dict) -> torch.dtype:
+    """The stored bases' dtype: float32, except for bf16/fp16 weights in a group with
+    ``state_dtype="bfloat16"``, whose bases are kept in the weights' dtype, the dtype the kernels
+    multiply them in (galore-torch keeps them so too): no float32 copy beside the operand copy."""
+    if group["state_dtype"] == "bfloat16" and p.dtype in (torch.bfloat16, torch.float16):
+        return p.dtype
+    return torch.float32
 
 
 def refresh_phase(group: dict, position: int) -> int:

@@ -62,10 +62,11 @@ def test_state_dict_roundtrip_continues_bit_for_bit(dtype, policy, state_dtype):
     resumed_opt = GaLoreAdamW(galore_groups(resumed, refresh_policy=policy), **kw)
     resumed_opt.load_state_dict(checkpoint["optim"])
     moments = getattr(torch, state_dtype)
+    bases = dtype if state_dtype == "bfloat16" else torch.float32  # 16-bit weights' bases in their dtype
     for p in resumed.parameters():
         state = resumed_opt.state[p]
-        for key, dtype_wanted in (("exp_avg", moments), ("exp_avg_sq", moments), ("proj_left", torch.float32),
-                                  ("proj_right", torch.float32)):
+        for key, dtype_wanted in (("exp_avg", moments), ("exp_avg_sq", moments), ("proj_left", bases),
+                                  ("proj_right", bases)):
             if key in state:
                 assert state[key].dtype == dtype_wanted, (key, state[key].dtype)
     train(resumed, resumed_opt, data[4:])
@@ -288,6 +289,34 @@ def test_bf16_state_halves_the_moments_and_tracks_float32_state():
         assert not torch.equal(p16, p32)  # the rounding is real: the two runs are not the same run
     rel = (o16.state[m16[0].weight]["exp_avg_sq"].double() - o32.state[m32[0].weight]["exp_avg_sq"].double()).norm()
     assert float(rel) <= 0.02 * float(o32.state[m32[0].weight]["exp_avg_sq"].double().norm())
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_bf16_state_keeps_16bit_weights_bases_in_their_dtype(policy):
+    """bf16 weights with state_dtype="bfloat16": the bases are stored in bf16 (the dtype the kernels
+    read; no float32 copy), orthonormal to bf16 rounding, and the updates track the float32-state
+    ones when both optimizers see the same gradients (bf16 models amplify any difference, so the
+    gradients come from the float32-state model and are copied)."""
+    m32, m16 = make_model(torch.bfloat16), make_model(torch.bfloat16)
+    o32 = GaLoreAdamW(galore_groups(m32, refresh_policy=policy), lr=1e-2)
+    o16 = GaLoreAdamW(galore_groups(m16, refresh_policy=policy), lr=1e-2, state_dtype="bfloat16")
+    start = [p.detach().clone() for p in m32.parameters()]
+    for x, y in batches(7, torch.bfloat16):  # refreshes at steps 0, 3, 6
+        o32.zero_grad()
+        ((m32(x) - y).float() ** 2).mean().backward()
+        for p32, p16 in zip(m32.parameters(), m16.parameters()):
+            p16.grad = p32.grad.clone()
+        o32.step()
+        o16.step()
+    for p32, p16, p0 in zip(m32.parameters(), m16.parameters(), start):
+        for key in ("proj_left", "proj_right"):
+            if key in o16.state[p16]:
+                basis = o16.state[p16][key]
+                assert basis.dtype == torch.bfloat16 and o32.state[p32][key].dtype == torch.float32
+                cols = basis.float() if key == "proj_left" else basis.float().T
+                assert float((cols.T @ cols - torch.eye(cols.shape[1])).abs().max()) < 2e-2
+        moved = (p32 - p0).detach().double()
+        assert float((p16 - p32).detach().double().norm()) <= 0.05 * float(moved.norm())
 
 
 def test_state_dtype_per_group_and_its_checks():

@@ -130,13 +130,13 @@ done
 SHOW='passed|failed|error|FAILED|ERROR|^E  '
 if (( ${#TESTS[@]} )); then
     # TRITON_INTERPRET=1 would turn the ahead-of-time compile tests into failures: never for this stage.
-    stage tests 100 20 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -x -rfEs -p no:cacheprovider --durations=5 "${TESTS[@]}"
+    stage tests 130 20 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -x -rfEs -p no:cacheprovider --durations=5 "${TESTS[@]}"
 fi
 
 # ------------------------------------------------------------------------------ 4-6. benchmarks
 SHOW='passed|failed|error|Error|^E  |^[a-z_]+ +[0-9.]+ ms'  # the targets are in the summary
 BENCH=(-m pytest --benchmark-only -s -q -p no:cacheprovider --benchmark-columns=median,rounds --benchmark-sort=name)
-BENCH_JSON="$OUT/model.json" stage model 60 25 "$OUT/bench.log" "$PY" "${BENCH[@]}" benchmarks/bench_model_step.py
+BENCH_JSON="$OUT/model.json" stage model 75 25 "$OUT/bench.log" "$PY" "${BENCH[@]}" benchmarks/bench_model_step.py
 # bench_step.py gets what is left but 60 s for the refresh benchmark (whole-model refresh first).
 left=$(( $(remaining) - 60 ))
 BENCH_JSON="$OUT/step.json" stage step $(( left < 170 ? left : 170 )) 30 "$OUT/bench.log" \

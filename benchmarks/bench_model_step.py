@@ -209,10 +209,10 @@ def finish() -> None:
         if name in RESULTS:
             row = RESULTS[name]
             print(f"{name:20s} {row['ms']:9.3f} {row['ms_loop']:9.3f} {row['host_ms_loop']:9.3f}")
-    best = min((RESULTS[k]["ms"] for k in ("triton_eager", "triton_graphed", "triton_graphed_bf16_state") if k in RESULTS),
-               default=None)
-    if best is not None and CUDA:
-        print(f"target: {'PASS' if best <= 2.5 else 'MISS'} 368M optimizer step: triton {best:.3f} ms (target <= 2.5 ms)")
+    for name in ("triton_graphed", "triton_eager", "triton_graphed_bf16_state"):  # the default-state rows first
+        if name in RESULTS and CUDA:
+            ms = RESULTS[name]["ms"]
+            print(f"target: {'PASS' if ms <= 2.5 else 'MISS'} 368M optimizer step: {name} {ms:.3f} ms (target <= 2.5 ms)")
     path = write_json()
     if path:
         print(f"wrote {path}")

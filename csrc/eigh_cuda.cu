@@ -7,7 +7,8 @@
 // loadable by its soname): no link dependency and no cuSOLVER headers at build time. Where the
 // symbol is missing (an older cuSOLVER), or a call fails, the op answers with at::linalg_eigh and
 // warns once. GALORE_KERNELS_EIGH chooses per process: "auto" (default: cuSOLVER's batched solver for
-// two matrices or more, at::linalg_eigh for one), "batched" (always the batched solver), "torch".
+// two matrices or more, at::linalg_eigh for one), "batched" (always the batched solver, and an error
+// where it cannot run: what tests and benchmarks of this path ask for), "torch".
 #include "eigh.h"
 
 #include <ATen/ops/empty.h>
@@ -102,13 +103,15 @@ Handle device_handle(const Cusolver& lib, int device) {
   return handle;
 }
 
-bool use_batched_solver(int64_t batch) {
+enum class Solver { kTorch, kBatched, kBatchedOnly };
+
+Solver solver_for(int64_t batch) {
   const char* setting = std::getenv("GALORE_KERNELS_EIGH");
   const std::string choice = setting == nullptr ? "auto" : setting;
-  if (choice == "torch") return false;
-  if (choice == "batched") return true;
+  if (choice == "torch") return Solver::kTorch;
+  if (choice == "batched") return Solver::kBatchedOnly;
   TORCH_CHECK(choice == "auto", "GALORE_KERNELS_EIGH=", choice, ": use auto (the default), batched or torch");
-  return batch >= 2;
+  return batch >= 2 ? Solver::kBatched : Solver::kTorch;
 }
 
 // Solves V (B, n, n) in place: each matrix is symmetric, so its row-major storage is the column-major
@@ -150,14 +153,23 @@ EighResult batched_eigh_cuda(const at::Tensor& C) {
   TORCH_CHECK(C.is_cuda(), "galore_kernels::batched_eigh (CUDA): C must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(C.device());
   const int64_t batch = C.size(0), n = C.size(1);
-  const Cusolver* lib = (batch > 0 && n > 0 && use_batched_solver(batch)) ? cusolver(C) : nullptr;
+  const Solver solver = solver_for(batch);
+  if (solver == Solver::kTorch || batch == 0 || n == 0) {
+    return batched_eigh_torch(C);
+  }
+  const Cusolver* lib = cusolver(C);
+  TORCH_CHECK(lib != nullptr || solver != Solver::kBatchedOnly, "GALORE_KERNELS_EIGH=batched, but this cuSOLVER "
+              "has no cusolverDnXsyevBatched (cuSOLVER >= 11.7.1, CUDA >= 12.6.2, needed)");
   if (lib == nullptr) {
+    TORCH_WARN_ONCE("galore_kernels: this cuSOLVER has no cusolverDnXsyevBatched; the refresh solves its "
+                    "eigenproblems with torch.linalg.eigh, one matrix after another");
     return batched_eigh_torch(C);
   }
   at::Tensor V = C.contiguous().clone();
   at::Tensor W = at::empty({batch, n}, C.options());
   at::Tensor info = at::empty({batch}, C.options().dtype(at::kInt));
   if (!solve_in_place(*lib, V, W, info)) {
+    TORCH_CHECK(solver != Solver::kBatchedOnly, "GALORE_KERNELS_EIGH=batched, but cusolverDnXsyevBatched failed");
     TORCH_WARN_ONCE("galore_kernels: cusolverDnXsyevBatched failed; the refresh uses torch.linalg.eigh instead");
     return batched_eigh_torch(C);
   }

@@ -36,6 +36,7 @@ class GraphedStep:
         self._captured_settings: Optional[tuple] = None
         self._eager_fingerprint: Optional[tuple] = None  # tensors right after the last eager step
         self._eager_seen = -1  # the optimizer's _step_calls after this object's last eager step
+        self._eager_settings = None  # _settings() at that step
         self._replays_left = 0  # steady steps left before some parameter's refresh is due
         self.replays = 0  # steps served by the graph (for tests and logs)
         self.eager_steps = 0
@@ -54,7 +55,8 @@ class GraphedStep:
                 and self.optimizer._step_calls == self._eager_seen and self._settings() == self._captured_settings):
             self._replays_left = self._steady_steps()
             self._replay()
-        elif steady and fingerprint == self._eager_fingerprint and self.optimizer._step_calls == self._eager_seen:
+        elif (steady and fingerprint == self._eager_fingerprint and self.optimizer._step_calls == self._eager_seen
+              and self._settings() == self._eager_settings):
             # The last call was an eager step over these very tensors: kernels compiled, pointer
             # tables and device step counts cached. That is the warm-up a capture needs.
             self._capture()
@@ -81,6 +83,7 @@ class GraphedStep:
         self.optimizer.step()
         self.eager_steps += 1
         self._eager_seen = self.optimizer._step_calls  # a step or state load elsewhere changes it
+        self._eager_settings = self._settings()  # a capture records what this warm-up step ran with
         self._eager_fingerprint = self._tensors_fingerprint() if bucketed and self._steady() else None
 
     def _settings(self) -> tuple:

@@ -8,7 +8,8 @@ with ``svd="exact"`` and float32 parameters the trajectory follows galore-torch 
 Differences from galore-torch, each on purpose:
 - ``exp_avg``/``exp_avg_sq`` are float32 whatever the parameter dtype, and so are the projection
   bases. ``state_dtype="bfloat16"`` (per group or for all) halves the moments (read in float32,
-  stored rounded) and keeps the bases of bf16/fp16 weights in the weights' dtype. Both keep their
+  stored rounded stochastically: rounded to nearest, exp_avg_sq could not decay) and keeps the bases
+  of bf16/fp16 weights in the weights' dtype. Both keep their
   dtype through ``load_state_dict`` (torch's base class would cast them to the parameter's dtype).
 - ``stochastic_rounding=True`` (per group or for all) rounds bf16 weights to a bf16 neighbour with
   probabilities proportional to the distances, from random bits keyed by (seed, parameter index,
@@ -110,7 +111,9 @@ class GaLoreAdamW(Optimizer):
         self._backends: dict[torch.device, dispatch.StepBackend] = {}
         self._skip_counters: dict[tuple, tuple[list, Tensor]] = {}  # bucket key -> (params, (B,) int32)
         self._operand_bases: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) -> (float32 basis, its 16-bit copy)
-        self._rounding_seeds: dict[tuple, tuple[int, Tensor]] = {}  # bucket key -> (group seed, (B,) int64 seeds)
+        # (bucket key, group seed, device) -> (B,) int64 random seeds; kept, so that a graph captured with
+        # an earlier seed never reads a freed tensor.
+        self._rounding_seeds: dict[tuple, Tensor] = {}
         self._nonfinite_skips: dict[int, int] = {}  # parameter index -> masked bucket steps, as read
         self._reported_this_step = False
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed,
@@ -232,11 +235,12 @@ class GaLoreAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
         skipped = self._skip_counter(key, params, device)
-        seeds = self._bucket_rounding_seeds(key, group, params, device)
+        rounding = dict(rounding_seeds=self._bucket_rounding_seeds(key, group, params, device),
+                        stochastic_rounding=_rounds_stochastically(params[0], group))
         if side is None:
             backend.dense_bucket(params, [p.grad for p in params], *moments, steps, lr, beta1, beta2,
                                  group["eps"], group["weight_decay"], group["correct_bias"], validated=True,
-                                 skipped=skipped, rounding_seeds=seeds)
+                                 skipped=skipped, **rounding)
         else:
             name = "proj_left" if side == "left" else "proj_right"
             for state in states:  # laid out once per refresh (exact bases are column-major, ...)
@@ -245,7 +249,7 @@ class GaLoreAdamW(Optimizer):
             backend.galore_bucket(params, [p.grad for p in params], *moments, bases,
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
                                   group["scale"], group["correct_bias"], validated=True, skipped=skipped,
-                                  rounding_seeds=seeds)
+                                  **rounding)
         for state in states:
             state["step"] += 1
         self._device_step_cache[key] = (steps, tuple(state["step"] for state in states))
@@ -264,24 +268,26 @@ class GaLoreAdamW(Optimizer):
         return cached[1]
 
     def rounding_seed(self, p: Tensor) -> Optional[int]:
-        """The seed of ``p``'s stochastic rounding: None unless its group asks for it and ``p`` is bf16."""
+        """The seed of ``p``'s random bits (stochastic rounding of bf16 weights, bf16 moments): None
+        where its step draws none."""
         index, group, _ = self.param_info(p)
-        if not group["stochastic_rounding"] or p.dtype != torch.bfloat16:
+        if not (_rounds_stochastically(p, group) or group["state_dtype"] == "bfloat16"):
             return None
         return rounding_seed(group["seed"], index)
 
     def _bucket_rounding_seeds(self, key: tuple, group: dict, params: list[Tensor], device: torch.device):
-        """The bucket's (B,) int64 rounding seeds on the device, made once (None: round to nearest)."""
-        if not group["stochastic_rounding"] or params[0].dtype != torch.bfloat16:
+        """The bucket's (B,) int64 random seeds on the device, made once (None: the step draws none)."""
+        if self.rounding_seed(params[0]) is None:
             return None
-        cached = self._rounding_seeds.get(key)
-        if cached is None or cached[0] != group["seed"]:
+        cache_key = (key, group["seed"], device)
+        seeds = self._rounding_seeds.get(cache_key)
+        if seeds is None:
             if self._capturing:
-                raise RuntimeError("GaLoreAdamW: a CUDA graph capture met a bucket with no rounding seeds; "
-                                   "run one eager step with the same gradients before capturing.")
-            seeds = torch.tensor([self.rounding_seed(p) for p in params], dtype=torch.int64).to(device)
-            cached = self._rounding_seeds[key] = (group["seed"], seeds)
-        return cached[1]
+                raise RuntimeError("GaLoreAdamW: a CUDA graph capture met a bucket with no random seeds; "
+                                   "run one eager step with the same settings before capturing.")
+            seeds = self._rounding_seeds[cache_key] = torch.tensor([self.rounding_seed(p) for p in params],
+                                                                   dtype=torch.int64).to(device)
+        return seeds
 
     def _skip_counter(self, key: tuple, params: list[Tensor], device: torch.device) -> Tensor:
         """The bucket's device counts of updates masked by the non-finite guard (read lazily)."""
@@ -403,7 +409,8 @@ class GaLoreAdamW(Optimizer):
         tensors = (state["exp_avg"], state["exp_avg_sq"], state.get("proj_left"), state.get("proj_right"))
         scalars = dict(side=self.side(p), step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2,
                        eps=group["eps"], weight_decay=group["weight_decay"], scale=group.get("scale", 1.0),
-                       correct_bias=group["correct_bias"], rounding_seed=self.rounding_seed(p))
+                       correct_bias=group["correct_bias"], rounding_seed=self.rounding_seed(p),
+                       stochastic_rounding=_rounds_stochastically(p, group))
         return tensors, scalars
 
     def side(self, p: Tensor):
@@ -569,11 +576,12 @@ class GaLoreAdamW(Optimizer):
         """torch's loader casts every floating state tensor to its parameter's dtype; GaLore's moments
         (the group's ``state_dtype``) and bases (see :func:`basis_dtype`) are put back from the saved
         tensors unchanged.
-        A checkpoint from before ``state_dtype`` existed loads as float32 state."""
+        A checkpoint from before ``state_dtype`` existed loads as float32 state (its tensors are), and
+        takes ``stochastic_rounding`` from this optimizer's constructor."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("state_dtype", "float32")
-            group.setdefault("stochastic_rounding", False)
+            group.setdefault("stochastic_rounding", self.defaults["stochastic_rounding"])
         self._rounding_seeds.clear()
         self._step_calls += 1  # invalidates a captured CUDA graph (GraphedStep)
         self._param_info = None  # the loader replaced the group dicts
@@ -586,6 +594,11 @@ class GaLoreAdamW(Optimizer):
             for key in KEEP_DTYPE_STATE:
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, copy=True)
+
+
+def _rounds_stochastically(p: Tensor, group: dict) -> bool:
+    """Whether ``p``'s weight is rounded stochastically: its group asks for it and it is bf16."""
+    return group["stochastic_rounding"] and p.dtype == torch.bfloat16
 
 
 def _check_stochastic_rounding(group: dict, where: str) -> None:

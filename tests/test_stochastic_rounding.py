@@ -126,3 +126,26 @@ def test_settings_are_checked():
     w32 = nn.Parameter(torch.ones(4, 4))  # float32 weights are not rounded: the setting is harmless
     opt = GaLoreAdamW([w32], stochastic_rounding=True)
     assert opt.rounding_seed(w32) is None
+
+
+def second_moment_after_a_drop(state_dtype: str, backend: str = "reference", steps: int = 400) -> torch.Tensor:
+    """exp_avg_sq of a rank-less weight whose gradients shrink 100x after 10 steps: it must decay."""
+    w = nn.Parameter(torch.zeros(4096))
+    opt = GaLoreAdamW([w], lr=1e-3, state_dtype=state_dtype, backend=backend, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        w.grad = torch.randn(4096, generator=gen) * (1.0 if step < 10 else 0.01)
+        opt.step()
+    return opt.state[w]["exp_avg_sq"].double()
+
+
+def test_bf16_second_moment_decays_like_float32():
+    """bf16 moments are stored rounded stochastically: rounded to nearest, beta2's decay (0.1% a step,
+    below half a bf16 ulp) would be lost every step and exp_avg_sq would stay at its peak (here 1.47x
+    the float32 value after 390 steps of decay) -- Adam's steps too small from then on."""
+    v32 = second_moment_after_a_drop("float32")
+    v16 = second_moment_after_a_drop("bfloat16")
+    ratio = float(v16.mean() / v32.mean())
+    assert abs(ratio - 1) < 0.02, ratio
+    elementwise = (v16 / v32 - 1).abs()
+    assert float(elementwise.median()) < 0.05  # the rounding noise of 390 steps, decayed by beta2

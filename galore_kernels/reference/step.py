@@ -2,9 +2,11 @@
 
 The Triton kernels implement the same functions under parallel names and are checked against these.
 Arithmetic is float32 whatever the parameter dtype: the gradient and the basis are read in float32,
-a bf16/fp16 weight is updated in float32 and rounded once, and so are bf16 moments (the optimizer's
-``state_dtype="bfloat16"``): the update reads them in float32 and stores them rounded to nearest, the
-normalised step being computed from the unrounded float32 values (as torch's fused AdamW does). For float32
+a bf16/fp16 weight is updated in float32 and rounded once (to nearest, or stochastically on request),
+and so are bf16 moments (the optimizer's ``state_dtype="bfloat16"``): the update reads them in
+float32 and stores them rounded stochastically, the normalised step being computed from the
+unrounded float32 values. Rounded to nearest, bf16 moments would be biased for good: beta2's decay of
+0.1% a step is below half a bf16 ulp, so V could never shrink. For float32
 parameters the operations run in galore-torch 1.0's order, so its trajectory is matched closely.
 """
 from __future__ import annotations
@@ -45,20 +47,23 @@ def project_back_reference(
     return proj_left.float() @ lowrank @ proj_right.float()
 
 
-# A stochastically rounded step draws its bits from a generator seeded with seed * MULT + step (the
-# Triton kernels key Philox the same way; the two backends' bits differ, each is reproducible).
+# A stochastically rounded step draws its bits from a generator keyed by (seed * MULT + step, stream):
+# stream 0 rounds the weight, 1 and 2 the moments (the Triton kernels key Philox the same way and take
+# words 0, 1, 2 of its blocks; the two backends' bits differ, each is reproducible).
 ROUNDING_KEY_MULTIPLIER = 1_000_003
+WEIGHT_STREAM, EXP_AVG_STREAM, EXP_AVG_SQ_STREAM = 0, 1, 2
 
 
 def stochastic_round_reference(
     x: Tensor,  # float32
-    seed: int,  # the parameter's rounding seed, below 2^31
+    seed: int,  # the parameter's random seed, below 2^31
     step: int,  # after the increment
+    stream: int = WEIGHT_STREAM,
 ) -> Tensor:  # bf16, each element x rounded down or up with probability proportional to the distance
     """Unbiased rounding to bf16: 16 uniform random bits are added to the 16 bits that bf16 drops,
     and the sum is truncated, so the carry into the kept bits happens with the right probability."""
     gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed * ROUNDING_KEY_MULTIPLIER + step)
+    gen.manual_seed((seed * ROUNDING_KEY_MULTIPLIER + step) * 4 + stream)
     noise = torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32, device=x.device)
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # 0xFFFF0000 as an int32
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero
@@ -88,7 +93,8 @@ def galore_adamw_update_reference(
     weight_decay: float,
     scale: float,
     correct_bias: bool,
-    rounding_seed: Optional[int] = None,  # bf16 weights: round stochastically with this seed
+    rounding_seed: Optional[int] = None,  # the parameter's random seed (bf16 moments, stochastic rounding)
+    stochastic_rounding: bool = False,  # bf16 weights rounded stochastically
 ) -> None:
     """Adam on the (projected) gradient, back-projection, then decoupled decay after the update."""
     m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
@@ -96,9 +102,10 @@ def galore_adamw_update_reference(
     m.mul_(beta1).add_(lowrank_grad, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(lowrank_grad, lowrank_grad, value=1.0 - beta2)
     normalized = m / v.sqrt().add_(eps)
-    if m is not exp_avg:  # low-precision moments: stored rounded, the step uses the float32 values
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+    seed = 0 if rounding_seed is None else rounding_seed
+    if m is not exp_avg:  # bf16 moments: stored rounded stochastically, the step uses the float32 values
+        exp_avg.copy_(stochastic_round_reference(m, seed, step, EXP_AVG_STREAM))
+        exp_avg_sq.copy_(stochastic_round_reference(v, seed, step, EXP_AVG_SQ_STREAM))
     if side is not None:
         normalized = project_back_reference(normalized, proj_left, proj_right, side) * scale
     step_size = adam_step_size(lr, beta1, beta2, step, correct_bias)
@@ -107,8 +114,8 @@ def galore_adamw_update_reference(
     if weight_decay > 0.0:
         target.add_(target, alpha=-lr * weight_decay)
     if target is not param:
-        if rounding_seed is not None and param.dtype == torch.bfloat16:
-            target = stochastic_round_reference(target, rounding_seed, step)
+        if stochastic_rounding and param.dtype == torch.bfloat16:
+            target = stochastic_round_reference(target, seed, step, WEIGHT_STREAM)
         param.copy_(target)
 
 
@@ -130,6 +137,7 @@ def galore_adamw_step_reference(
     scale: float,
     correct_bias: bool,
     rounding_seed: Optional[int] = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """project -> low-rank Adam -> back-project -> apply, for one parameter."""
     if side is None:
@@ -139,5 +147,5 @@ def galore_adamw_step_reference(
     galore_adamw_update_reference(
         param, lowrank, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-        correct_bias=correct_bias, rounding_seed=rounding_seed,
+        correct_bias=correct_bias, rounding_seed=rounding_seed, stochastic_rounding=stochastic_rounding,
     )

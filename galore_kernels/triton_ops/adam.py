@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
-                    load_pointer, pointer_table, round_weight, stacked_scratch, stacked_table, to_dtype)
+                    load_pointer, pointer_table, round_weight, rounding_key, stacked_scratch, stacked_table,
+                    stochastic_bf16, to_dtype)
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _adam_kernel(
     steps_ptr,  # (B,) int32: steps taken before this one
     lr_ptr,  # (1,) float32
     nonfinite_ptr,  # (B,) int32: nonzero = skip this matrix
-    seeds_ptr,  # (B,) int64: stochastic rounding seeds of dense bf16 weights (read only when STOCHASTIC)
+    seeds_ptr,  # (B,) int64: random seeds (read for bf16 moments, and for STOCHASTIC weights)
     numel,
     beta1,
     beta2,
@@ -52,7 +53,7 @@ def _adam_kernel(
     weight_decay,
     scale,
     GRAD_DTYPE: tl.constexpr,
-    STATE_DTYPE: tl.constexpr,  # the moments: float32, or bf16 (read in float32, stored rounded)
+    STATE_DTYPE: tl.constexpr,  # the moments: float32, or bf16 (read in float32, stored rounded stochastically)
     OUT_DTYPE: tl.constexpr,
     DENSE: tl.constexpr,
     CORRECT_BIAS: tl.constexpr,
@@ -83,8 +84,15 @@ def _adam_kernel(
     # A skipped matrix writes nothing: its limit drops to 0 (a mask built by comparisons only, as
     # Triton's interpreter mis-types a block mask and-ed with a scalar flag).
     update = offs < tl.where(finite, numel, 0)
-    tl.store(m_ptr + offs, to_dtype(m, STATE_DTYPE, INTERPRETER), mask=update)
-    tl.store(v_ptr + offs, to_dtype(v, STATE_DTYPE, INTERPRETER), mask=update)
+    if STATE_DTYPE == tl.bfloat16:
+        # Stochastically: rounded to nearest, V could never decay (beta2's 0.1% a step is below half
+        # a bf16 ulp) and small gradients would never reach M.
+        _, bits_m, bits_v, _ = tl.randint4x(rounding_key(seeds_ptr, steps_ptr, batch), offs)
+        tl.store(m_ptr + offs, stochastic_bf16(m, bits_m), mask=update)
+        tl.store(v_ptr + offs, stochastic_bf16(v, bits_v), mask=update)
+    else:
+        tl.store(m_ptr + offs, m, mask=update)
+        tl.store(v_ptr + offs, v, mask=update)
     if DENSE:
         w = tl.load(out_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         w = (w - step_size * normalized) * (1.0 - lr * weight_decay)
@@ -98,18 +106,25 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else float("-inf")
 
 
+def random_seeds(rounding_seeds: Optional[Tensor], count: int, device: torch.device) -> Tensor:
+    """The (B,) int64 seeds of the random bits; without any, every matrix's are keyed by its step only."""
+    return torch.zeros(count, dtype=torch.int64, device=device) if rounding_seeds is None else rounding_seeds
+
+
 def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, numel, grad_dtype,
-            out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias, rounding_seeds=None) -> None:
+            out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias, rounding_seeds=None,
+            stochastic=False) -> None:
     device = exp_avgs[0].device
     block = elementwise_block()
     grid = (triton.cdiv(numel, block), len(exp_avgs))
-    stochastic = rounding_seeds is not None
+    if stochastic or exp_avgs[0].dtype == torch.bfloat16:
+        rounding_seeds = random_seeds(rounding_seeds, len(exp_avgs), device)
     _adam_kernel[grid](
         grad_table, pointer_table(exp_avgs, device), pointer_table(exp_avg_sqs, device), out_table,
-        steps, lr, nonfinite, rounding_seeds if stochastic else nonfinite, numel, beta1, beta2, _log(beta1),
+        steps, lr, nonfinite, nonfinite if rounding_seeds is None else rounding_seeds, numel, beta1, beta2, _log(beta1),
         _log(beta2), eps, weight_decay, scale,
         GRAD_DTYPE=TORCH_TO_TL[grad_dtype], STATE_DTYPE=TORCH_TO_TL[exp_avgs[0].dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
-        CORRECT_BIAS=correct_bias, STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
+        CORRECT_BIAS=correct_bias, STOCHASTIC=bool(stochastic), INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
     )
 
 
@@ -123,6 +138,7 @@ def lowrank_adam_triton(
     *, beta1: float, beta2: float, eps: float, scale: float, correct_bias: bool,
     out: Optional[Tensor] = None,  # like lowrank (utils.stacked_scratch) in out_dtype; allocated if None
     out_dtype: torch.dtype = torch.float32,  # the back-projection's operand dtype
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: random bits of bf16 moments (None: zeros)
 ) -> Tensor:  # N: (B, a, b) out_dtype, already multiplied by the step size and scale
     check_stacked("lowrank", lowrank, tuple(lowrank.shape))
     if out is not None:
@@ -130,7 +146,7 @@ def lowrank_adam_triton(
     normalized = stacked_scratch(*lowrank.shape, lowrank.device, out_dtype) if out is None else out
     _launch(stacked_table(lowrank), exp_avgs, exp_avg_sqs, stacked_table(normalized), steps, lr,
             nonfinite, lowrank[0].numel(), torch.float32, out_dtype, False, beta1, beta2, eps,
-            0.0, scale, correct_bias)
+            0.0, scale, correct_bias, rounding_seeds)
     return normalized
 
 
@@ -143,9 +159,10 @@ def dense_adamw_triton(
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: round bf16 weights stochastically
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: zeros)
+    stochastic_rounding: bool = False,  # bf16 weights rounded stochastically
 ) -> None:
     device = params[0].device
     _launch(pointer_table(grads, device), exp_avgs, exp_avg_sqs, pointer_table(params, device), steps,
             lr, nonfinite, params[0].numel(), grads[0].dtype, params[0].dtype, True, beta1, beta2, eps,
-            weight_decay, 1.0, correct_bias, rounding_seeds)
+            weight_decay, 1.0, correct_bias, rounding_seeds, stochastic_rounding)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..reference import step as reference_step
-from .adam import dense_adamw_triton, lowrank_adam_triton
+from .adam import dense_adamw_triton, lowrank_adam_triton, random_seeds
 from .back_apply import back_apply_triton
 from .nonfinite import nonfinite_flags_triton
 from .project import lowrank_project_triton
@@ -59,11 +59,12 @@ def _check_moments(exp_avgs, exp_avg_sqs, shape: tuple) -> None:
     check_bucket("exp_avg_sqs", exp_avg_sqs, shape, dtype)
 
 
-def _check_rounding_seeds(rounding_seeds: Optional[Tensor], count: int, dtype: torch.dtype, device: torch.device) -> None:
+def _check_rounding(rounding_seeds: Optional[Tensor], stochastic_rounding: bool, count: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    if stochastic_rounding and dtype != torch.bfloat16:
+        raise ValueError(f"stochastic_rounding is for bf16 weights, these are {dtype}; pass False.")
     if rounding_seeds is None:
         return
-    if dtype != torch.bfloat16:
-        raise ValueError(f"rounding_seeds: stochastic rounding is for bf16 weights, these are {dtype}; pass None.")
     if (rounding_seeds.dtype != torch.int64 or tuple(rounding_seeds.shape) != (count,) or rounding_seeds.device != device
             or not rounding_seeds.is_contiguous()):
         raise ValueError(f"rounding_seeds must be a contiguous ({count},) int64 tensor on {device}, got "
@@ -87,27 +88,33 @@ def galore_adamw_step_triton(
     lr: Tensor,  # (1,) float32
     *, side: str, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
     correct_bias: bool = True,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: bf16 weights rounded stochastically
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: zeros)
+    stochastic_rounding: bool = False,  # bf16 weights rounded stochastically (bf16 moments always are)
 ) -> None:
     """project -> low-rank Adam -> back-project -> apply for a bucket; a matrix whose gradient
-    holds Inf/NaN keeps its weight and moments (its step still counts)."""
+    holds Inf/NaN keeps its weight and moments (its step still counts). Random bits (stochastic
+    rounding of bf16 weights on request, and of bf16 moments) are keyed by (seed, step) per matrix."""
     _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side)
-    _check_rounding_seeds(rounding_seeds, len(params), params[0].dtype, params[0].device)
+    _check_rounding(rounding_seeds, stochastic_rounding, len(params), params[0].dtype, params[0].device)
     _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                          weight_decay, scale, correct_bias, rounding_seeds=rounding_seeds)
+                          weight_decay, scale, correct_bias, rounding_seeds=rounding_seeds,
+                          stochastic_rounding=stochastic_rounding)
 
 
 def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                          weight_decay, scale, correct_bias, skipped=None, rounding_seeds=None) -> None:
+                          weight_decay, scale, correct_bias, skipped=None, rounding_seeds=None,
+                          stochastic_rounding=False) -> None:
     rank = bases[0].shape[1] if side == "left" else bases[0].shape[0]
     lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
     if skipped is not None:
         skipped.add_(nonfinite)
+    if stochastic_rounding:
+        rounding_seeds = random_seeds(rounding_seeds, len(params), params[0].device)
     normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
-                                     out_dtype=params[0].dtype)
+                                     out_dtype=params[0].dtype, rounding_seeds=rounding_seeds)
     back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay,
-                      rounding_seeds=rounding_seeds, steps=steps)
+                      rounding_seeds=rounding_seeds if stochastic_rounding else None, steps=steps)
     steps.add_(1)
 
 
@@ -119,7 +126,8 @@ def dense_adamw_step_triton(
     steps: Tensor,  # (B,) int32; incremented
     lr: Tensor,  # (1,) float32
     *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool = True,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: bf16 weights rounded stochastically
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: zeros)
+    stochastic_rounding: bool = False,  # bf16 weights rounded stochastically (bf16 moments always are)
 ) -> None:
     """AdamW with decay after the update (galore-torch's rule for parameters without a rank)."""
     if not params:
@@ -133,18 +141,19 @@ def dense_adamw_step_triton(
     check_bucket("grads", grads, shape, dtype)
     _check_moments(exp_avgs, exp_avg_sqs, shape)
     _check_scalars(steps, lr, params[0].device)
-    _check_rounding_seeds(rounding_seeds, len(params), dtype, params[0].device)
+    _check_rounding(rounding_seeds, stochastic_rounding, len(params), dtype, params[0].device)
     _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                         correct_bias, rounding_seeds=rounding_seeds)
+                         correct_bias, rounding_seeds=rounding_seeds, stochastic_rounding=stochastic_rounding)
 
 
 def _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                         correct_bias, skipped=None, rounding_seeds=None) -> None:
+                         correct_bias, skipped=None, rounding_seeds=None, stochastic_rounding=False) -> None:
     nonfinite = nonfinite_flags_triton(grads)
     if skipped is not None:
         skipped.add_(nonfinite)
     dense_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1, beta2=beta2,
-                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds)
+                       eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds,
+                       stochastic_rounding=stochastic_rounding)
     steps.add_(1)
 
 
@@ -154,15 +163,17 @@ def _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1,
 def _galore_step_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], bases: list[Tensor], steps: Tensor, lr: Tensor, side: str,
                     beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                    correct_bias: bool, rounding_seeds: Optional[Tensor] = None) -> None:
+                    correct_bias: bool, rounding_seeds: Optional[Tensor] = None,
+                    stochastic_rounding: bool = False) -> None:
     galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                             correct_bias=correct_bias, rounding_seeds=rounding_seeds)
+                             correct_bias=correct_bias, rounding_seeds=rounding_seeds,
+                             stochastic_rounding=stochastic_rounding)
 
 
 @_galore_step_op.register_fake
 def _galore_step_fake(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
-                      weight_decay, scale, correct_bias, rounding_seeds=None) -> None:
+                      weight_decay, scale, correct_bias, rounding_seeds=None, stochastic_rounding=False) -> None:
     return None
 
 
@@ -170,59 +181,66 @@ def _galore_step_fake(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, si
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
 def _dense_step_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                    exp_avg_sqs: list[Tensor], steps: Tensor, lr: Tensor, beta1: float, beta2: float,
-                   eps: float, weight_decay: float, correct_bias: bool, rounding_seeds: Optional[Tensor] = None) -> None:
+                   eps: float, weight_decay: float, correct_bias: bool, rounding_seeds: Optional[Tensor] = None,
+                   stochastic_rounding: bool = False) -> None:
     dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds)
+                            weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds,
+                            stochastic_rounding=stochastic_rounding)
 
 
 @_dense_step_op.register_fake
 def _dense_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                     correct_bias, rounding_seeds=None) -> None:
+                     correct_bias, rounding_seeds=None, stochastic_rounding=False) -> None:
     return None
 
 
 def galore_bucket_step(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps,
                        weight_decay, scale, correct_bias, *, validated: bool = False,
-                       skipped: Optional[Tensor] = None, rounding_seeds: Optional[Tensor] = None) -> None:
+                       skipped: Optional[Tensor] = None, rounding_seeds: Optional[Tensor] = None,
+                       stochastic_rounding: bool = False) -> None:
     """The bucket step for callers that hold a bucket (the optimizer): the custom op while
     ``torch.compile`` traces, the launcher itself otherwise (the op's dispatch costs host time).
     ``validated=True`` (the caller guarantees shapes, dtypes, contiguity and alignment) skips the
     per-tensor checks, a few microseconds per tensor and step. ``skipped`` ((B,) int32, optional)
     counts, per matrix, the steps whose update the non-finite guard masked (eager only).
-    ``rounding_seeds`` ((B,) int64, bf16 weights only): round the weights stochastically."""
+    ``rounding_seeds`` ((B,) int64): the matrices' random seeds (bf16 moments; with
+    ``stochastic_rounding``, bf16 weights rounded stochastically)."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_galore_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2, eps, weight_decay,
-            scale, correct_bias, rounding_seeds)
+            scale, correct_bias, rounding_seeds, stochastic_rounding)
     if validated:
         return _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side, beta1, beta2,
-                                     eps, weight_decay, scale, correct_bias, skipped, rounding_seeds)
+                                     eps, weight_decay, scale, correct_bias, skipped, rounding_seeds,
+                                     stochastic_rounding)
     galore_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side=side, beta1=beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                             correct_bias=correct_bias, rounding_seeds=rounding_seeds)
+                             correct_bias=correct_bias, rounding_seeds=rounding_seeds,
+                             stochastic_rounding=stochastic_rounding)
 
 
 def dense_bucket_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
                       correct_bias, *, validated: bool = False, skipped: Optional[Tensor] = None,
-                      rounding_seeds: Optional[Tensor] = None) -> None:
+                      rounding_seeds: Optional[Tensor] = None, stochastic_rounding: bool = False) -> None:
     """Like :func:`galore_bucket_step`, for rank-less parameters."""
     if torch.compiler.is_compiling():
         return torch.ops.galore_kernels.triton_dense_adamw_step(
             params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, correct_bias,
-            rounding_seeds)
+            rounding_seeds, stochastic_rounding)
     if validated:
         return _dense_step_launches(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                                    weight_decay, correct_bias, skipped, rounding_seeds)
+                                    weight_decay, correct_bias, skipped, rounding_seeds, stochastic_rounding)
     dense_adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds)
+                            weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=rounding_seeds,
+                            stochastic_rounding=stochastic_rounding)
 
 
 # ------------------------------------------------------------- single-parameter adapters (dispatch)
-def _device_seed(rounding_seed: Optional[int], param: Tensor) -> Optional[Tensor]:
-    """The (1,) int64 seed tensor of one bf16 parameter's stochastic rounding (None: to nearest)."""
-    if rounding_seed is None or param.dtype != torch.bfloat16:
+def _device_seed(rounding_seed: Optional[int], device: torch.device) -> Optional[Tensor]:
+    """One parameter's random seed as a (1,) int64 device tensor (None: none given)."""
+    if rounding_seed is None:
         return None
-    return torch.full((1,), rounding_seed, dtype=torch.int64, device=param.device)
+    return torch.full((1,), rounding_seed, dtype=torch.int64, device=device)
 
 
 def _device_scalars(step: int, lr, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -237,23 +255,23 @@ def _device_scalars(step: int, lr, device: torch.device) -> tuple[Tensor, Tensor
 def step_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                 proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
                 beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                correct_bias: bool, rounding_seed: Optional[int] = None) -> None:
+                correct_bias: bool, rounding_seed: Optional[int] = None, stochastic_rounding: bool = False) -> None:
     """``reference.galore_adamw_step_reference`` on the kernels (``step`` counted after the increment)."""
     if side == "full" or not kernel_fits(param, grad):
         return reference_step.galore_adamw_step_reference(
             param, grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias,
-            rounding_seed=rounding_seed)
+            rounding_seed=rounding_seed, stochastic_rounding=stochastic_rounding)
     steps, lr_t = _device_scalars(step, lr, param.device)
-    seeds = _device_seed(rounding_seed, param)
+    rounding = dict(rounding_seeds=_device_seed(rounding_seed, param.device), stochastic_rounding=stochastic_rounding)
     if side is None:
         dense_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], steps, lr_t, beta1=beta1, beta2=beta2,
-                                eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rounding_seeds=seeds)
+                                eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, **rounding)
         return None
     basis = kernel_basis(proj_left if side == "left" else proj_right)
     galore_adamw_step_triton([param], [grad], [exp_avg], [exp_avg_sq], [basis], steps, lr_t, side=side,
                              beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                             correct_bias=correct_bias, rounding_seeds=seeds)
+                             correct_bias=correct_bias, **rounding)
     return None
 
 
@@ -268,9 +286,9 @@ def project_triton(grad: Tensor, proj_left: Optional[Tensor], proj_right: Option
 
 
 def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                    proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
+                  proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                  correct_bias: bool, rounding_seed: Optional[int] = None) -> None:
+                  correct_bias: bool, rounding_seed: Optional[int] = None, stochastic_rounding: bool = False) -> None:
     """``reference.galore_adamw_update_reference`` on the Adam and back-projection kernels (for a
     parameter without a rank: the dense Adam kernel, which reads the float32 gradient as it is)."""
     dense_fits = side is None and lowrank_grad.dtype == torch.float32 and kernel_fits(lowrank_grad, lowrank_grad)
@@ -278,22 +296,26 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
         return reference_step.galore_adamw_update_reference(
             param, lowrank_grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias,
-            rounding_seed=rounding_seed)
+            rounding_seed=rounding_seed, stochastic_rounding=stochastic_rounding)
+    _check_rounding(None, stochastic_rounding, 1, param.dtype, param.device)
     steps, lr_t = _device_scalars(step, lr, param.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
+    seeds = _device_seed(rounding_seed, param.device)
     if side is None:
         dense_adamw_triton([param], [lowrank_grad], [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
                            beta2=beta2, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                           rounding_seeds=_device_seed(rounding_seed, param))
+                           rounding_seeds=seeds, stochastic_rounding=stochastic_rounding)
         return None
     basis = kernel_basis(proj_left if side == "left" else proj_right)
     lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
     lowrank[0].copy_(lowrank_grad)
+    if stochastic_rounding:
+        seeds = random_seeds(seeds, 1, param.device)
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
-                                     out_dtype=param.dtype)
+                                     out_dtype=param.dtype, rounding_seeds=seeds)
     back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay,
-                      rounding_seeds=_device_seed(rounding_seed, param), steps=steps)
+                      rounding_seeds=seeds if stochastic_rounding else None, steps=steps)
     return None
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Stochastic rounding: the per-step Philox key is seed * ROUNDING_KEY_MULTIPLIER + step, seeds below 2^31.
 ROUNDING_KEY_MULTIPLIER: tl.constexpr = tl.constexpr(1000003)
-# Adam moments: float32, or bf16 (read in float32, stored rounded to nearest); fp16 would underflow g^2.
+# Adam moments: float32, or bf16 (read in float32, stored rounded stochastically); fp16 would underflow g^2.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 SUPPORTED_DTYPES = tuple(TORCH_TO_TL)
 
@@ -74,18 +74,30 @@ def to_dtype(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
+def rounding_key(seeds_ptr, steps_ptr, batch):
+    """The Philox key of a parameter's step: (its seed, the step after the increment). Its random
+    bits are counted by element; word 0 of a block rounds the weight, words 1 and 2 the moments. A
+    step is reproducible, a resumed run draws the same bits, nothing is read from the host (CUDA
+    graphs replay it)."""
+    return tl.load(seeds_ptr + batch) * ROUNDING_KEY_MULTIPLIER + (tl.load(steps_ptr + batch) + 1)
+
+
+@triton.jit
+def stochastic_bf16(x, bits):
+    """float32 ``x`` to bf16, up or down with probabilities proportional to the distances (unbiased):
+    16 random bits added to the 16 that bf16 drops carry into the kept ones or not."""
+    noise = bits.to(tl.uint32, bitcast=True) & 0xFFFF
+    kept = (x.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
+    return kept.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the dropped bits are zero
+
+
+@triton.jit
 def round_weight(w, W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seeds_ptr, steps_ptr, batch, offsets,
                  INTERPRETER: tl.constexpr):
     """The updated float32 weight in its dtype: to nearest even, or (STOCHASTIC, bf16 weights only)
-    up or down with probabilities proportional to the distances, so the rounding is unbiased and
-    updates below half a bf16 ulp still move the weight on average. The random bits are Philox's,
-    keyed by (the parameter's seed, its step) and counted by element: a step is reproducible, a
-    resumed run draws the same bits, and nothing is read from the host (CUDA graphs replay it)."""
+    stochastically, so that updates below half a bf16 ulp still move the weight on average."""
     if STOCHASTIC:
-        key = tl.load(seeds_ptr + batch) * ROUNDING_KEY_MULTIPLIER + (tl.load(steps_ptr + batch) + 1)
-        noise = tl.randint(key, offsets).to(tl.uint32, bitcast=True) & 0xFFFF
-        bits = (w.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000  # carries into the kept bits or not
-        return bits.to(tl.float32, bitcast=True).to(W_DTYPE)  # exact: the dropped bits are zero
+        return stochastic_bf16(w, tl.randint(rounding_key(seeds_ptr, steps_ptr, batch), offsets))
     return to_dtype(w, W_DTYPE, INTERPRETER)
 
 

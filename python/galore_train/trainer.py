@@ -416,9 +416,11 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 RESUME_MUST_MATCH = (
     "training.seed", "training.micro_batch_size", "training.gradient_accumulation_steps",
     "optimizer.type", "optimizer.rank", "optimizer.update_proj_gap", "optimizer.scale", "optimizer.proj_type",
-    "optimizer.target_modules", "optimizer.svd", "optimizer.refresh_policy", "quantization.enabled",
-    "data.train_file", "model.name_or_path",
+    "optimizer.target_modules", "optimizer.svd", "optimizer.refresh_policy", "optimizer.state_dtype",
+    "optimizer.stochastic_rounding", "quantization.enabled", "data.train_file", "model.name_or_path",
 )
+# What a checkpoint written before a key existed ran with.
+RESUME_DEFAULTS = {"optimizer.state_dtype": "float32", "optimizer.stochastic_rounding": False}
 
 
 def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Path) -> None:
@@ -429,8 +431,9 @@ def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Pa
     changed = []
     for key in RESUME_MUST_MATCH:
         section, name = key.split(".")
-        if before.get(section, {}).get(name) != now[section][name]:
-            changed.append(f"{key} was {before.get(section, {}).get(name)!r}, now {now[section][name]!r}")
+        saved_value = before.get(section, {}).get(name, RESUME_DEFAULTS.get(key))
+        if saved_value != now[section][name]:
+            changed.append(f"{key} was {saved_value!r}, now {now[section][name]!r}")
     saved_world = saved["trainer"].get("world_size", 1)
     if saved_world != world_size:
         changed.append(f"the number of processes was {saved_world}, now {world_size}")

@@ -291,3 +291,23 @@ def test_resume_with_a_different_batch_plan_is_refused(tmp_path, prepared, capsy
     assert run_cli(config, tmp_path, "--resume") == 2
     err = capsys.readouterr().err
     assert "training.micro_batch_size was 8, now 4" in err and "cannot resume" in err
+
+
+def test_resume_checks_the_optimizer_state_settings_with_defaults_for_older_checkpoints(tmp_path):
+    """A resume that would silently drop state_dtype or stochastic_rounding is refused; a checkpoint
+    written before the keys existed ran with their defaults."""
+    from galore_train.checkpoint import CheckpointError
+    from galore_train.trainer import check_resumable
+
+    from .conftest import make_config
+
+    saved_config = make_config().to_dict()
+    for key in ("state_dtype", "stochastic_rounding"):
+        del saved_config["optimizer"][key]  # an older checkpoint
+    saved = {"config": saved_config, "trainer": {"world_size": 1}}
+    check_resumable(saved, make_config(), 1, tmp_path)  # the defaults: resumable
+    with pytest.raises(CheckpointError, match="optimizer.state_dtype was 'float32', now 'bfloat16'"):
+        check_resumable(saved, make_config(optimizer={"state_dtype": "bfloat16"}), 1, tmp_path)
+    saved["config"] = make_config(optimizer={"stochastic_rounding": True}).to_dict()
+    with pytest.raises(CheckpointError, match="optimizer.stochastic_rounding was True, now False"):
+        check_resumable(saved, make_config(), 1, tmp_path)

@@ -19,9 +19,11 @@ LR = 0.1
 
 
 def run_bucket(b, lr, weight_decay, rounding_seeds=None):
+    """One bucket step; with ``rounding_seeds`` the bf16 weights are rounded stochastically."""
     steps = torch.full((len(b.params),), b.steps_before, dtype=torch.int32)
     galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps,
-                             torch.tensor([lr]), side=b.side, weight_decay=weight_decay, rounding_seeds=rounding_seeds, **HP)
+                             torch.tensor([lr]), side=b.side, weight_decay=weight_decay, rounding_seeds=rounding_seeds,
+                             stochastic_rounding=rounding_seeds is not None, **HP)
     return steps
 
 
@@ -52,8 +54,8 @@ def test_galore_bucket_step_matches_float64(shape, rank, side, dtype, weight_dec
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("steps_before", [0, 5])
 def test_bf16_moments_are_rounded_once_and_the_step_uses_float32(side, dtype, steps_before):
-    """state_dtype="bfloat16": the moments are read in float32 and stored rounded to nearest; the
-    update is computed from the unrounded values, so it has the float32-moment tolerance."""
+    """state_dtype="bfloat16": the moments are read in float32 and stored rounded stochastically;
+    the update is computed from the unrounded values, so it has the float32-moment tolerance."""
     b = make_bucket((33, 65), 8, side, dtype, batch=2, steps_before=steps_before, seed=41 + steps_before,
                     state_dtype=torch.bfloat16)
     old = b.clone()
@@ -108,7 +110,8 @@ def test_stochastic_rounding_of_dense_weights():
     ms, vs = [torch.zeros(shape) for _ in range(2)], [torch.zeros(shape) for _ in range(2)]
     steps = torch.zeros(2, dtype=torch.int32)
     dense_adamw_step_triton(params, grads, ms, vs, steps, torch.tensor([lr]), beta1=0.9, beta2=0.999, eps=0.0,
-                            weight_decay=0.0, rounding_seeds=torch.tensor([1, 2], dtype=torch.int64))
+                            weight_decay=0.0, rounding_seeds=torch.tensor([1, 2], dtype=torch.int64),
+                            stochastic_rounding=True)
     # The first Adam step is -lr exactly: 1 - 1e-3 lies between 1 - 2^-8 and 1, 0.256 of the way down.
     for w in params:
         values = set(w.float().unique().tolist())

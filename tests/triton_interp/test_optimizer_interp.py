@@ -48,9 +48,10 @@ def test_auto_stays_on_the_reference_for_cpu_tensors():
 
 
 # (weights, moments) relative tolerances. float32 moments: float32 accumulation order only. bf16
-# moments: where the two float32 results straddle a bf16 rounding boundary the stored moments differ by
-# one bf16 ulp (2^-8 relative), and that difference is carried into later steps.
-TRACK_TOL = {"float32": (1e-5, 1e-4), "bfloat16": (5e-4, 5e-3)}
+# moments are rounded stochastically, and the two backends draw different random bits: each step adds
+# up to one bf16 ulp (2^-8 relative) of independent noise per element, carried into later steps
+# (measured after 8 steps: weights 4e-3, moments 1.2e-2).
+TRACK_TOL = {"float32": (1e-5, 1e-4), "bfloat16": (1e-2, 3e-2)}
 
 
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
@@ -127,6 +128,22 @@ def test_bf16_state_of_bf16_weights_reaches_the_kernels_without_copies():
         # N as a bf16 operand (Triton) vs float32 (reference), then W rounded to bf16 by both: the
         # tolerance of the round-to-nearest bf16 comparison above.
         assert float((p_t.double() - p_r.double()).norm()) <= 0.06 * float(moved) + 1e-6
+
+
+def test_bf16_second_moment_decays_on_the_kernels_too():
+    """The Triton kernels round bf16 moments stochastically (see tests/test_stochastic_rounding.py):
+    after gradients shrink 100x, exp_avg_sq decays as with float32 moments instead of freezing."""
+    values = {}
+    for state_dtype in ("float32", "bfloat16"):
+        w = nn.Parameter(torch.zeros(1024))
+        opt = GaLoreAdamW([w], lr=1e-3, state_dtype=state_dtype, backend="triton", seed=1)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(300):
+            w.grad = torch.randn(1024, generator=gen) * (1.0 if step < 10 else 0.01)
+            opt.step()
+        values[state_dtype] = opt.state[w]["exp_avg_sq"].double()
+    ratio = float(values["bfloat16"].mean() / values["float32"].mean())
+    assert abs(ratio - 1) < 0.03, ratio  # rounded to nearest it would stay at its peak: 1.34x here
 
 
 def test_layerwise_triton_equals_standard_triton():

@@ -577,11 +577,12 @@ class GaLoreAdamW(Optimizer):
         (the group's ``state_dtype``) and bases (see :func:`basis_dtype`) are put back from the saved
         tensors unchanged.
         A checkpoint from before ``state_dtype`` existed loads as float32 state (its tensors are), and
-        takes ``stochastic_rounding`` from this optimizer's constructor."""
+        each group keeps the ``stochastic_rounding`` it had before the load."""
+        rounding_before = [group["stochastic_rounding"] for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group, rounding in zip(self.param_groups, rounding_before):
             group.setdefault("state_dtype", "float32")
-            group.setdefault("stochastic_rounding", self.defaults["stochastic_rounding"])
+            group.setdefault("stochastic_rounding", rounding)
         self._rounding_seeds.clear()
         self._step_calls += 1  # invalidates a captured CUDA graph (GraphedStep)
         self._param_info = None  # the loader replaced the group dicts

@@ -342,9 +342,14 @@ def test_checkpoint_from_before_state_dtype_loads_as_float32_state():
     old = roundtrip(opt.state_dict())
     for group in old["param_groups"]:
         del group["state_dtype"]
-    fresh = GaLoreAdamW(galore_groups(model), lr=1e-2, state_dtype="bfloat16")
+    groups = galore_groups(model)
+    groups[1]["stochastic_rounding"] = False  # a per-group choice the old checkpoint knows nothing of
+    fresh = GaLoreAdamW(groups, lr=1e-2, state_dtype="bfloat16", stochastic_rounding=True)
+    for group in old["param_groups"]:
+        del group["stochastic_rounding"]
     fresh.load_state_dict(old)
     assert all(g["state_dtype"] == "float32" for g in fresh.param_groups)
+    assert [g["stochastic_rounding"] for g in fresh.param_groups] == [True, False]  # each group keeps its own
     train(model, fresh, batches(1, seed=5))
     assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.float32
 

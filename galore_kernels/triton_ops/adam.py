@@ -20,8 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
-                    load_pointer, pointer_table, round_weight, rounding_key, stacked_scratch, stacked_table,
-                    stochastic_bf16, to_dtype)
+                    load_pointer, pointer_table, random_seeds, round_weight, rounding_key, stacked_scratch,
+                    stacked_table, stochastic_bf16, to_dtype)
 
 
 @triton.jit
@@ -106,11 +106,6 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else float("-inf")
 
 
-def random_seeds(rounding_seeds: Optional[Tensor], count: int, device: torch.device) -> Tensor:
-    """The (B,) int64 seeds of the random bits; without any, every matrix's are keyed by its step only."""
-    return torch.zeros(count, dtype=torch.int64, device=device) if rounding_seeds is None else rounding_seeds
-
-
 def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, numel, grad_dtype,
             out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias, rounding_seeds=None,
             stochastic=False) -> None:
@@ -138,7 +133,7 @@ def lowrank_adam_triton(
     *, beta1: float, beta2: float, eps: float, scale: float, correct_bias: bool,
     out: Optional[Tensor] = None,  # like lowrank (utils.stacked_scratch) in out_dtype; allocated if None
     out_dtype: torch.dtype = torch.float32,  # the back-projection's operand dtype
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: random bits of bf16 moments (None: zeros)
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: random bits of bf16 moments (None: 0..B-1)
 ) -> Tensor:  # N: (B, a, b) out_dtype, already multiplied by the step size and scale
     check_stacked("lowrank", lowrank, tuple(lowrank.shape))
     if out is not None:
@@ -159,10 +154,12 @@ def dense_adamw_triton(
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: zeros)
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: 0..B-1)
     stochastic_rounding: bool = False,  # bf16 weights rounded stochastically
 ) -> None:
     device = params[0].device
+    if stochastic_rounding and params[0].dtype != torch.bfloat16:
+        raise ValueError(f"stochastic_rounding is for bf16 weights, these are {params[0].dtype}.")
     _launch(pointer_table(grads, device), exp_avgs, exp_avg_sqs, pointer_table(params, device), steps,
             lr, nonfinite, params[0].numel(), grads[0].dtype, params[0].dtype, True, beta1, beta2, eps,
             weight_decay, 1.0, correct_bias, rounding_seeds, stochastic_rounding)

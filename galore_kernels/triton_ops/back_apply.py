@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, load_pointer, pointer_table,
-                    round_weight, stacked_table, tile_product)
+                    random_seeds, round_weight, stacked_table, tile_product)
 
 
 @triton.jit
@@ -80,8 +80,9 @@ def back_apply_triton(
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, side: str, weight_decay: float,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64: round bf16 weights stochastically
-    steps: Optional[Tensor] = None,  # (B,) int32 steps before this one: needed with rounding_seeds
+    stochastic_rounding: bool = False,  # bf16 weights rounded stochastically
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: 0..B-1)
+    steps: Optional[Tensor] = None,  # (B,) int32 steps before this one: needed with stochastic_rounding
 ) -> None:
     device, dtype = params[0].device, params[0].dtype
     m, n = params[0].shape
@@ -91,7 +92,11 @@ def back_apply_triton(
     a_dtype, b_dtype = (bases[0].dtype, normalized.dtype) if side == "left" else (normalized.dtype, bases[0].dtype)
     cfg = gemm_config(m, n, dtype, len(params))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
-    stochastic = rounding_seeds is not None
+    stochastic = bool(stochastic_rounding)
+    if stochastic:
+        if dtype != torch.bfloat16 or steps is None:
+            raise ValueError(f"stochastic rounding needs bf16 weights (these are {dtype}) and their step counts.")
+        rounding_seeds = random_seeds(rounding_seeds, len(params), device)
     _back_apply_kernel[grid](
         a_table, b_table, pointer_table(params, device), lr, nonfinite,
         rounding_seeds if stochastic else nonfinite, steps if stochastic else nonfinite, m, n, rank, weight_decay,

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from ..reference import step as reference_step
-from .adam import dense_adamw_triton, lowrank_adam_triton, random_seeds
+from .adam import dense_adamw_triton, lowrank_adam_triton
 from .back_apply import back_apply_triton
 from .nonfinite import nonfinite_flags_triton
 from .project import lowrank_project_triton
-from .utils import STATE_DTYPES, SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
+from .utils import STATE_DTYPES, SUPPORTED_DTYPES, aligned, check_bucket, random_seeds, stacked_scratch
 
 
 def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> None:
@@ -114,7 +114,7 @@ def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=params[0].dtype, rounding_seeds=rounding_seeds)
     back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay,
-                      rounding_seeds=rounding_seeds if stochastic_rounding else None, steps=steps)
+                      stochastic_rounding=stochastic_rounding, rounding_seeds=rounding_seeds, steps=steps)
     steps.add_(1)
 
 
@@ -315,7 +315,7 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=param.dtype, rounding_seeds=seeds)
     back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay,
-                      rounding_seeds=seeds if stochastic_rounding else None, steps=steps)
+                      stochastic_rounding=stochastic_rounding, rounding_seeds=seeds, steps=steps)
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -251,6 +251,12 @@ def stacked_table(stacked: Tensor) -> Tensor:  # (B, ...) contiguous -> (B,) int
 
 
 ALIGNMENT = 16  # bytes; load_pointer promises it to the compiler
+
+
+def random_seeds(rounding_seeds: Optional[Tensor], count: int, device: torch.device) -> Tensor:
+    """The (B,) int64 seeds of a bucket's random bits; without any given, 0..B-1 (distinct per matrix;
+    the optimizer passes seeds from its own seed and the parameter indices)."""
+    return torch.arange(count, dtype=torch.int64, device=device) if rounding_seeds is None else rounding_seeds
 
 
 def aligned(t: Tensor) -> bool:

@@ -208,36 +208,48 @@ def test_stochastic_rounding_picks_a_neighbour_of_the_nearest_rounding(backend):
         assert differ > 0
 
 
-def _bucket_args():
+def _bucket_args(bf16: bool = False):
+    """A right-side bucket; ``bf16``: bf16 weights, gradients, bases and moments (the random-bits path)."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(33, 20, generator=gen) * 0.02 for _ in range(2)]
-    grads = [torch.randn(33, 20, generator=gen) for _ in range(2)]
-    bases = [torch.linalg.qr(torch.randn(20, 4, generator=gen))[0].T.contiguous() for _ in range(2)]
-    ms = [torch.randn(33, 4, generator=gen) * 0.1 for _ in range(2)]
-    vs = [torch.rand(33, 4, generator=gen) * 0.01 for _ in range(2)]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    params = [(torch.randn(33, 20, generator=gen) * 0.02).to(dtype) for _ in range(2)]
+    grads = [torch.randn(33, 20, generator=gen).to(dtype) for _ in range(2)]
+    bases = [torch.linalg.qr(torch.randn(20, 4, generator=gen))[0].T.contiguous().to(dtype) for _ in range(2)]
+    ms = [(torch.randn(33, 4, generator=gen) * 0.1).to(dtype) for _ in range(2)]
+    vs = [(torch.rand(33, 4, generator=gen) * 0.01).to(dtype) for _ in range(2)]
     return params, grads, ms, vs, bases, torch.tensor([2, 2], dtype=torch.int32), torch.tensor([0.1])
 
 
-def test_custom_ops_pass_opcheck():
-    params, grads, ms, vs, bases, steps, lr = _bucket_args()
+# The ops' trailing arguments: (rounding_seeds, stochastic_rounding), as the optimizer passes them for
+# bf16 weights with bf16 moments and stochastic rounding, or left to their defaults.
+ROUNDING_VARIANTS = {"defaults": (False, ()), "bf16_random_bits": (True, (torch.tensor([11, 12]), True))}
+
+
+@pytest.mark.parametrize("variant", list(ROUNDING_VARIANTS))
+def test_custom_ops_pass_opcheck(variant):
+    bf16, rounding = ROUNDING_VARIANTS[variant]
+    params, grads, ms, vs, bases, steps, lr = _bucket_args(bf16)
     torch.library.opcheck(torch.ops.galore_kernels.triton_galore_adamw_step,
-                          (params, grads, ms, vs, bases, steps, lr, "right", 0.9, 0.999, 1e-6, 0.01, 0.25, True))
+                          (params, grads, ms, vs, bases, steps, lr, "right", 0.9, 0.999, 1e-6, 0.01, 0.25, True, *rounding))
     torch.library.opcheck(torch.ops.galore_kernels.triton_dense_adamw_step,
                           (params, grads, [m.new_zeros(33, 20) for m in ms], [v.new_zeros(33, 20) for v in vs],
-                           steps, lr, 0.9, 0.999, 1e-6, 0.01, True))
+                           steps, lr, 0.9, 0.999, 1e-6, 0.01, True, *rounding))
 
 
-def test_torch_compile_traces_the_step_op():
-    params, grads, ms, vs, bases, steps, lr = _bucket_args()
+@pytest.mark.parametrize("variant", list(ROUNDING_VARIANTS))
+def test_torch_compile_traces_the_step_op(variant):
+    bf16, rounding = ROUNDING_VARIANTS[variant]
+    params, grads, ms, vs, bases, steps, lr = _bucket_args(bf16)
     eager = copy.deepcopy((params, ms, vs, steps))
 
     def step(params, grads, ms, vs, bases, steps, lr):
         torch.ops.galore_kernels.triton_galore_adamw_step(params, grads, ms, vs, bases, steps, lr, "right", 0.9,
-                                                          0.999, 1e-6, 0.01, 0.25, True)
+                                                          0.999, 1e-6, 0.01, 0.25, True, *rounding)
 
     torch.compile(step, backend="aot_eager", fullgraph=True)(params, grads, ms, vs, bases, steps, lr)
+    keywords = dict(zip(("rounding_seeds", "stochastic_rounding"), rounding))
     triton_step.galore_adamw_step_triton(eager[0], grads, eager[1], eager[2], bases, eager[3], lr, side="right",
-                                         beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, scale=0.25)
+                                         beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, scale=0.25, **keywords)
     for a, b in zip(params + ms + vs + [steps], eager[0] + eager[1] + eager[2] + [eager[3]]):
         assert torch.equal(a, b)
 

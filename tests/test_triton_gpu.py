@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from galore_kernels import GaLoreAdamW
-from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bucket_step64, bucket_step_torch,
-                           make_bucket, relative_error, update_error)
+from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bf16_ulp, bucket_step64, bucket_step_torch,
+                           check_rounded_state, make_bucket, relative_error, rounding_bias_ratio, update_error)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -76,6 +76,35 @@ def test_float32_bucket_step_follows_matmul_precision(shape, rank, float32_preci
         assert max(errs) <= 1e-5 and max(m_errs) <= 1e-5, (errs, m_errs)
     else:  # TF32: clearly worse than IEEE, clearly better than nothing
         assert max(errs) <= TF32_TOL and 1e-6 < max(m_errs) <= TF32_TOL, (errs, m_errs)
+
+
+@pytest.mark.parametrize("shape, rank", SHAPES[:2])
+def test_bf16_state_and_stochastic_rounding_at_realistic_shapes(shape, rank):
+    """The compiled random-bits paths (Philox words 0-2): bf16 moments are bf16 neighbours of the
+    float64 values, often the farther one (stochastic rounding); with updates far below an ulp the
+    stochastically rounded weights move by the expected amount, where rounding to nearest would not."""
+    from galore_kernels.triton_ops.step import galore_adamw_step_triton
+
+    side = "left" if shape[0] < shape[1] else "right"
+    lr = 1e-2
+    b = make_bucket(shape, rank, side, torch.bfloat16, batch=2, steps_before=3, seed=rank, device="cuda",
+                    weight_scale=1.0, state_dtype=torch.bfloat16)
+    for w in b.params:  # |w| in [0.25, 0.5): no update crosses a binade
+        w.copy_((w.float().sign() * 0.3 + w.float() * 1e-3).bfloat16())
+    old = to_cpu(b)
+    expected_w, expected_m, expected_v = bucket_step64(old, lr, 0.0)
+    steps = torch.full((2,), 3, dtype=torch.int32, device="cuda")
+    galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps,
+                             torch.tensor([lr], device="cuda"), side=side, weight_decay=0.0,
+                             rounding_seeds=torch.tensor([5, 6], device="cuda"), stochastic_rounding=True, **HP)
+    torch.cuda.synchronize()
+    for i in range(2):
+        check_rounded_state(b.exp_avgs[i].cpu(), expected_m[i])
+        check_rounded_state(b.exp_avg_sqs[i].cpu(), expected_v[i])
+        off = (b.params[i].cpu().double() - expected_w[i]).abs() / bf16_ulp(expected_w[i])
+        assert float(off.max()) <= 1.0, "a weight is not a bf16 neighbour of its float32 value"
+        ratio = rounding_bias_ratio(b.params[i].cpu(), old.params[i], expected_w[i])
+        assert 0.9 < ratio < 1.1, ratio
 
 
 def test_nonfinite_gradient_masks_on_device():

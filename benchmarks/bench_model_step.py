@@ -173,7 +173,7 @@ def test_model_step(benchmark, method):
             one_round()
         ms_loop, host_ms = C.time_loop(lambda i: step(), ROUNDS)
     row = dict(ms=round(C.median(times), 3), ms_min=round(min(times), 3), ms_loop=round(ms_loop, 3),
-               host_ms_loop=round(host_ms, 3), rounds=ROUNDS, note=note)
+               host_ms_loop=round(host_ms, 3), rounds=ROUNDS, note=note, state_MB=round(state_bytes(opt) / 1e6, 1))
     if CUDA and method in ("triton_graphed", "triton_graphed_bf16_state", "torch_adamw_fused"):
         print_kernel_profile(method, step)
     if method.startswith("triton_graphed"):
@@ -193,6 +193,20 @@ def test_model_step(benchmark, method):
     write_json()  # after every method: a run cut by a time limit keeps what it measured
 
 
+def state_bytes(opt) -> int:
+    """Bytes of the optimizer's state tensors (moments, bases, galore-torch's projector matrices)."""
+    seen, total = set(), 0
+    for state in opt.state.values():
+        values = list(state.values()) if isinstance(state, dict) else []
+        for value in values:
+            if hasattr(value, "ortho_matrix"):  # galore-torch keeps its basis in a projector object
+                value = value.ortho_matrix
+            if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                total += value.numel() * value.element_size()
+    return total
+
+
 def describe() -> str:
     m = _MODEL
     return (f"hidden {CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, MLP {CONFIG['intermediate_size']}, "
@@ -204,11 +218,11 @@ def finish() -> None:
     if not RESULTS:
         return
     print(f"\n\n{C.device_name()}: optimizer step, {describe()}")
-    print(f"{'method':20s} {'ms':>9s} {'loop ms':>9s} {'host ms':>9s}")
+    print(f"{'method':26s} {'ms':>9s} {'loop ms':>9s} {'host ms':>9s} {'state MB':>9s}")
     for name in METHODS:
         if name in RESULTS:
             row = RESULTS[name]
-            print(f"{name:20s} {row['ms']:9.3f} {row['ms_loop']:9.3f} {row['host_ms_loop']:9.3f}")
+            print(f"{name:26s} {row['ms']:9.3f} {row['ms_loop']:9.3f} {row['host_ms_loop']:9.3f} {row['state_MB']:9.1f}")
     for name in ("triton_graphed", "triton_eager", "triton_graphed_bf16_state"):  # the default-state rows first
         if name in RESULTS and CUDA:
             ms = RESULTS[name]["ms"]

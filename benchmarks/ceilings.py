@@ -281,6 +281,7 @@ def summary(step_json: str, model_json: str, refresh_json: str) -> None:
         for name, row in model.get("methods", {}).items():
             extra = f" replays {row['replays']}" if "replays" in row else ""
             extra += f" peak {row['peak_alloc_GB']} GB" if "peak_alloc_GB" in row else ""
+            extra += f" state {row['state_MB']} MB" if "state_MB" in row else ""
             print(f"  {name:26s} {row.get('ms', '-'):>9} ms  loop {row.get('ms_loop', '-'):>9}  "
                   f"host {row.get('host_ms_loop', '-'):>9}{extra}")
         best = [(row["ms"], name) for name, row in model.get("methods", {}).items() if name.startswith("triton")]

@@ -9,8 +9,8 @@ Differences from galore-torch, each on purpose:
 - ``exp_avg``/``exp_avg_sq`` are float32 whatever the parameter dtype, and so are the projection
   bases. ``state_dtype="bfloat16"`` (per group or for all) halves the moments (read in float32,
   stored rounded stochastically: rounded to nearest, exp_avg_sq could not decay) and keeps the bases
-  of bf16/fp16 weights in the weights' dtype. Both keep their
-  dtype through ``load_state_dict`` (torch's base class would cast them to the parameter's dtype).
+  of bf16/fp16 weights in the weights' dtype. Both keep their dtype through ``load_state_dict``
+  (torch's base class would cast them to the parameter's dtype).
 - ``stochastic_rounding=True`` (per group or for all) rounds bf16 weights to a bf16 neighbour with
   probabilities proportional to the distances, from random bits keyed by (seed, parameter index,
   step): unbiased, reproducible, resumable (see the README).
@@ -271,13 +271,11 @@ class GaLoreAdamW(Optimizer):
         """The seed of ``p``'s random bits (stochastic rounding of bf16 weights, bf16 moments): None
         where its step draws none."""
         index, group, _ = self.param_info(p)
-        if not (_rounds_stochastically(p, group) or group["state_dtype"] == "bfloat16"):
-            return None
-        return rounding_seed(group["seed"], index)
+        return rounding_seed(group["seed"], index) if _draws_random_bits(p, group) else None
 
     def _bucket_rounding_seeds(self, key: tuple, group: dict, params: list[Tensor], device: torch.device):
         """The bucket's (B,) int64 random seeds on the device, made once (None: the step draws none)."""
-        if self.rounding_seed(params[0]) is None:
+        if not _draws_random_bits(params[0], group):  # a bucket shares dtype and group
             return None
         cache_key = (key, group["seed"], device)
         seeds = self._rounding_seeds.get(cache_key)
@@ -600,6 +598,11 @@ class GaLoreAdamW(Optimizer):
 def _rounds_stochastically(p: Tensor, group: dict) -> bool:
     """Whether ``p``'s weight is rounded stochastically: its group asks for it and it is bf16."""
     return group["stochastic_rounding"] and p.dtype == torch.bfloat16
+
+
+def _draws_random_bits(p: Tensor, group: dict) -> bool:
+    """Whether ``p``'s step draws random bits: its weight or its (bf16) moments round stochastically."""
+    return _rounds_stochastically(p, group) or group["state_dtype"] == "bfloat16"
 
 
 def _check_stochastic_rounding(group: dict, where: str) -> None:

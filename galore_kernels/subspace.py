@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import dispatch
 from .projection import check_rank
+from .seeding import mix_fields
 
 METHODS = ("exact", "randomized")
 
@@ -144,41 +145,25 @@ def gaussian_sketch(
     return torch.randn(shape, generator=generator, device=A.device, dtype=torch.float32)
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def refresh_seed(seed: int, param_index: int, refresh_count: int) -> int:
     """A 63-bit generator seed from (optimizer seed, parameter index, refresh count).
 
     SplitMix64 finalisation of each field in turn, so nearby triples give unrelated streams.
     """
-    h = 0x9E3779B97F4A7C15
-    for value in (seed, param_index, refresh_count):
-        h = _splitmix64((h ^ (value & _MASK64)) & _MASK64)
-    return h >> 1
+    return mix_fields(0x9E3779B97F4A7C15, seed, param_index, refresh_count) >> 1
 
 
 def rounding_seed(seed: int, param_index: int) -> int:
     """A parameter's stochastic-rounding seed (below 2^31) from (optimizer seed, parameter index): the
     step is mixed in per update (``reference.step.ROUNDING_KEY_MULTIPLIER``). A domain tag keeps it
     apart from the refresh seeds."""
-    h = 0x5DEECE66D
-    for value in (seed, param_index):
-        h = _splitmix64((h ^ (value & _MASK64)) & _MASK64)
-    return h >> 33
+    return mix_fields(0x5DEECE66D, seed, param_index) >> 33
 
 
 def refresh_generator(seed: int, param_index: int, refresh_count: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(refresh_seed(seed, param_index, refresh_count))
     return gen
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def projection_bases(

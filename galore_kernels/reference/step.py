@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..projection import Side
+from ..seeding import MASK64, splitmix64
 
 
 def project_reference(
@@ -63,19 +64,12 @@ def stochastic_round_reference(
     """Unbiased rounding to bf16: 16 uniform random bits are added to the 16 bits that bf16 drops,
     and the sum is truncated, so the carry into the kept bits happens with the right probability."""
     gen = torch.Generator(device=x.device)
-    gen.manual_seed(_mix64((seed * ROUNDING_KEY_MULTIPLIER + step) * 4 + stream))
+    # Hashed: torch's CPU generator keeps only the low 32 bits of its seed, and nearby keys (another
+    # parameter's, a step later) must not share them.
+    gen.manual_seed(splitmix64(((seed * ROUNDING_KEY_MULTIPLIER + step) * 4 + stream) & MASK64) >> 1)
     noise = torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32, device=x.device)
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # 0xFFFF0000 as an int32
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero
-
-
-def _mix64(key: int) -> int:
-    """SplitMix64's finaliser, to 63 bits: torch's CPU generator keeps only the low 32 bits of its
-    seed, and nearby keys (another parameter's, a step later) must not share them."""
-    key = (key + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    key = ((key ^ (key >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    key = ((key ^ (key >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (key ^ (key >> 31)) >> 1
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:

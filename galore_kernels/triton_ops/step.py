@@ -25,7 +25,7 @@ from .adam import dense_adamw_triton, lowrank_adam_triton
 from .back_apply import back_apply_triton
 from .nonfinite import nonfinite_flags_triton
 from .project import lowrank_project_triton
-from .utils import STATE_DTYPES, SUPPORTED_DTYPES, aligned, check_bucket, random_seeds, stacked_scratch
+from .utils import STATE_DTYPES, SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
 
 
 def _check_galore_bucket(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr, side) -> None:
@@ -108,8 +108,6 @@ def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr
     lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
     if skipped is not None:
         skipped.add_(nonfinite)
-    if stochastic_rounding:
-        rounding_seeds = random_seeds(rounding_seeds, len(params), params[0].device)
     normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=params[0].dtype, rounding_seeds=rounding_seeds)
@@ -309,8 +307,6 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
     basis = kernel_basis(proj_left if side == "left" else proj_right)
     lowrank = stacked_scratch(1, *lowrank_grad.shape, param.device)
     lowrank[0].copy_(lowrank_grad)
-    if stochastic_rounding:
-        seeds = random_seeds(seeds, 1, param.device)
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=param.dtype, rounding_seeds=seeds)

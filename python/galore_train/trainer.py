@@ -55,7 +55,10 @@ class TrainerState:
     tokens: int = 0  # target tokens trained on
     interval_loss: float = 0.0  # sum of window losses since the last train log record
     interval_windows: int = 0
-    eval_loss_per_epoch: list = field(default_factory=list)
+    eval_loss_per_epoch: list = field(default_factory=list)  # one per finished epoch
+    # Evaluation at the step where max_steps ended the run inside an epoch (epoch and micro stay
+    # where they are, so resuming with a larger max_steps continues that epoch); None otherwise.
+    partial_epoch_eval_loss: Optional[float] = None
     train_time_s: float = 0.0
     world_size: int = 1  # the data position means nothing under another world size
 
@@ -190,15 +193,26 @@ class Trainer:
                     self._save()
                 if last:
                     break
-            self._end_epoch()
+            if state.micro == plan.micro_batches_per_epoch:
+                self._end_epoch()
+            else:
+                self._end_inside_epoch()
         progress.close()
 
     def _end_epoch(self) -> None:
-        """Evaluation for the epoch (or the partial epoch max_steps ended), then its checkpoint."""
+        """Evaluation for the epoch, then its checkpoint."""
         state = self.state
         state.eval_loss_per_epoch.append(self._evaluate())
+        state.partial_epoch_eval_loss = None
         state.epoch += 1
         state.micro = 0
+        self._save()
+
+    def _end_inside_epoch(self) -> None:
+        """max_steps ended the run inside an epoch: evaluation and a checkpoint at this position,
+        which stays inside the epoch, so a resume with a larger max_steps takes the epoch's next
+        unseen micro-batch (not the next epoch's first)."""
+        self.state.partial_epoch_eval_loss = self._evaluate()
         self._save()
 
     # ---------------------------------------------------------------------------- window
@@ -339,12 +353,16 @@ class Trainer:
     def _finish(self) -> dict:
         state, config = self.state, self.config
         report = self.tracker.report()
+        # The epochs run to their end, and the one max_steps stopped inside (its last entry then).
+        partial = state.partial_epoch_eval_loss
+        evals = state.eval_loss_per_epoch + ([partial] if partial is not None else [])
         summary = {
             "mode": run_mode(config, self.bundle.kind),
             "optimizer": self.bundle.kind,
             "output_dir": str(self.out),
-            "eval_loss_per_epoch": state.eval_loss_per_epoch,
-            "eval_perplexity_per_epoch": [float(torch.tensor(x).exp()) for x in state.eval_loss_per_epoch],
+            "eval_loss_per_epoch": evals,
+            "eval_perplexity_per_epoch": [float(torch.tensor(x).exp()) for x in evals],
+            "last_epoch_partial": state.partial_epoch_eval_loss is not None,
             "steps": state.step,
             "target_tokens": state.tokens,
             "train_time_s": round(state.train_time_s, 2),

@@ -143,6 +143,30 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, prepared, optimizer, a
     assert strip(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
 
 
+def test_max_steps_inside_an_epoch_then_resume_with_more_steps_continues_that_epoch(tmp_path, prepared):
+    """max_steps = 5 of a 12-step epoch, then --resume with max_steps unset: the run goes on from the
+    epoch's 6th micro-batch and ends bitwise where an uninterrupted epoch ends (constant schedule, so
+    the horizon does not change the learning rate)."""
+    training = {"epochs": 1, "lr_scheduler": "constant", "warmup_steps": 0}
+    straight = tiny_config(tmp_path / "straight", prepared, training=training)
+    assert run_cli(straight, tmp_path, name="straight.yaml") == 0
+    stopped = tiny_config(tmp_path / "stopped", prepared, training={**training, "max_steps": 5})
+    assert run_cli(stopped, tmp_path, name="stopped.yaml") == 0
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["last_epoch_partial"] and len(summary["eval_loss_per_epoch"]) == 1
+
+    stopped["training"]["max_steps"] = None
+    assert run_cli(stopped, tmp_path, "--resume", name="stopped.yaml") == 0
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    expected = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["steps"] == expected["steps"] == 12 and not summary["last_epoch_partial"]
+    assert summary["eval_loss_per_epoch"] == expected["eval_loss_per_epoch"]
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = lambda path: [r["step"] for r in read_jsonl(path / "metrics.jsonl") if r["type"] == "train"]  # noqa: E731
+    assert trained(tmp_path / "stopped") == trained(tmp_path / "straight") == list(range(1, 13))
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, prepared):
     config = tiny_config(tmp_path / "run", prepared, training={"save_every": 2, "epochs": 1, "max_steps": 6})
     assert run_cli(config, tmp_path) == 0

@@ -38,6 +38,7 @@ class ArchitectureConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = True
+    attention_dropout: float = 0.0  # Qwen2's dropout on attention weights (training only)
 
 
 @dataclass
@@ -292,3 +293,5 @@ def validate(config: Config, source: str) -> None:
          f"= {a.hidden_size} must be a multiple of num_attention_heads = {a.num_attention_heads}")
     need(a.num_attention_heads % a.num_key_value_heads == 0, "model.architecture.num_key_value_heads",
          f"= {a.num_key_value_heads} must divide num_attention_heads = {a.num_attention_heads}")
+    need(0.0 <= a.attention_dropout < 1.0, "model.architecture.attention_dropout",
+         f"= {a.attention_dropout} must be in [0, 1)")

@@ -62,6 +62,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def gather_objects(obj, info: DistInfo):
+    """Every rank's ``obj`` in rank order on rank 0 (None on the others); ``[obj]`` in one process."""
+    if not info.enabled:
+        return [obj]
+    box = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

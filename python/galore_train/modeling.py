@@ -189,6 +189,7 @@ def _build_default(config: Config, vocab_size, bos_token_id, eos_token_id, pad_t
         num_key_value_heads=a.num_key_value_heads,
         max_position_embeddings=a.max_position_embeddings,
         tie_word_embeddings=a.tie_word_embeddings,
+        attention_dropout=a.attention_dropout,
         use_cache=False,
         attn_implementation="sdpa",
         **special,

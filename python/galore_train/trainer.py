@@ -138,7 +138,7 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
         check_resumable(saved, self.config, self.info.world_size, checkpoint)
         self.state = TrainerState(**saved["trainer"])
-        restore_rng_state(saved["rng"])
+        restore_rng_state(rank_rng_state(saved, self.info.rank))
         self._log(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch + 1}, micro-batch {self.state.micro})")
 
     # --------------------------------------------------------------------------- run
@@ -328,11 +328,14 @@ class Trainer:
         return loss
 
     def _save(self) -> None:
+        # Every rank's RNG state (dropout draws differ between ranks): a collective, so all ranks call it.
+        rng_per_rank = distributed.gather_objects(capture_rng_state(), self.info)
         if self.info.is_main:
             training_state = {
                 "optimizer": self.bundle.state_dict(),
                 "trainer": asdict(self.state),
-                "rng": capture_rng_state(),
+                "rng": rng_per_rank[0],
+                "rng_per_rank": rng_per_rank,
                 "config": self.config.to_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }
@@ -460,6 +463,13 @@ def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Pa
             f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". Resume with the settings the run "
             "was saved with, or start a new run in another output_dir."
         )
+
+
+def rank_rng_state(saved: dict, rank: int) -> dict:
+    """This rank's RNG state from a checkpoint; one written before per-rank states were kept holds
+    rank 0's only, which every rank then takes (as such checkpoints were restored)."""
+    per_rank = saved.get("rng_per_rank")
+    return per_rank[rank] if per_rank and rank < len(per_rank) else saved["rng"]
 
 
 def clip_if_finite(params: list, max_norm: float) -> torch.Tensor:

@@ -245,6 +245,28 @@ def test_two_process_ddp_equals_one_process(tmp_path, prepared):
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
 
 
+def test_two_process_ddp_with_dropout_resumes_bitwise(tmp_path, prepared):
+    """Each rank's RNG state is checkpointed and restored (dropout draws differ between ranks): 2 ranks
+    with attention dropout, stopped by max_steps after 3 steps and resumed to 6, end bitwise where an
+    uninterrupted 6-step run ends."""
+    def torchrun(config_path, *extra):
+        done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                               "--master_port", str(free_port()), "-m", "galore_train", "--config", str(config_path),
+                               *extra])
+        assert done.returncode == 0, done.stderr
+
+    training = {"micro_batch_size": 4, "epochs": 1, "lr_scheduler": "constant", "warmup_steps": 0, "max_steps": 6}
+    model = {"architecture": {**TINY_ARCH, "attention_dropout": 0.3}}
+    torchrun(write_config(tmp_path / "straight.yaml", tiny_config(tmp_path / "straight", prepared, training=training,
+                                                                   model=model)))
+    stopped = tiny_config(tmp_path / "stopped", prepared, training={**training, "max_steps": 3}, model=model)
+    torchrun(write_config(tmp_path / "stopped.yaml", stopped))
+    stopped["training"]["max_steps"] = 6
+    torchrun(write_config(tmp_path / "stopped.yaml", stopped), "--resume")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_download_without_network_fails_fast_with_its_message(tmp_path):
     started = time.time()
     done = run_subprocess(["-m", "galore_train", "download", "Qwen/Qwen2-0.5B", "--to", str(tmp_path / "m")], timeout=120)

@@ -20,6 +20,9 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 SVD_METHODS = ("randomized", "exact")
 REFRESH_POLICIES = ("fixed", "adaptive")
 STATE_DTYPES = ("float32", "bfloat16")
+# Spellings of the state dtypes the library also takes, stored in their canonical name (so that a
+# resume compares like with like).
+STATE_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
@@ -261,7 +264,8 @@ def validate(config: Config, source: str) -> None:
     choice(o.svd, "optimizer.svd", SVD_METHODS)
     choice(o.proj_type, "optimizer.proj_type", PROJ_TYPES)
     choice(o.refresh_policy, "optimizer.refresh_policy", REFRESH_POLICIES)
-    choice(o.state_dtype, "optimizer.state_dtype", STATE_DTYPES)
+    o.state_dtype = STATE_DTYPE_ALIASES.get(o.state_dtype, o.state_dtype)
+    choice(o.state_dtype, "optimizer.state_dtype", STATE_DTYPES + tuple(STATE_DTYPE_ALIASES))
     need(o.max_proj_gap is None or o.max_proj_gap >= o.update_proj_gap, "optimizer.max_proj_gap",
          f"= {o.max_proj_gap} must be null or >= optimizer.update_proj_gap = {o.update_proj_gap}")
     choice(t.precision, "training.precision", PRECISIONS)

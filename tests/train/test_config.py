@@ -71,3 +71,11 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "training: [\n"))
+
+
+@pytest.mark.parametrize("spelling, canonical", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp32", "float32")])
+def test_state_dtype_spellings_are_stored_canonically(tmp_path, spelling, canonical):
+    """The library's spellings work here too, stored by one name (a resume compares the names)."""
+    config = load_config(write(tmp_path, f"optimizer:\n  state_dtype: {spelling}\n"))
+    assert config.optimizer.state_dtype == canonical
+    assert config.to_dict()["optimizer"]["state_dtype"] == canonical

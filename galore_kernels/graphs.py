@@ -88,10 +88,13 @@ class GraphedStep:
 
     def _settings(self) -> tuple:
         """What the graph bakes in besides tensors: each group's constants (a float lr is refilled
-        before each replay; a tensor lr is read in place, so its identity counts) and torch's float32
-        matmul precision (it picks the compiled kernels)."""
+        before each replay; a tensor lr is read in place, so its identity counts), the refresh
+        schedule (it fixes how many replays may run) and torch's float32 matmul precision (it picks
+        the compiled kernels)."""
         groups = tuple((g["betas"], g["eps"], g["weight_decay"], g.get("scale"), g["correct_bias"],
-                        g["stochastic_rounding"], g["seed"], id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else None)
+                        g["stochastic_rounding"], g["seed"], id(g["lr"]) if isinstance(g["lr"], torch.Tensor) else None,
+                        # the refresh schedule: the replays left until the next refresh follow from it
+                        g.get("rank"), g.get("update_proj_gap"), g.get("refresh_policy"), g.get("refresh_offset"))
                        for g in self.optimizer.param_groups)
         return groups, torch.get_float32_matmul_precision()
 
@@ -112,7 +115,9 @@ class GraphedStep:
                    default=0)
 
     def _grad_pointers(self) -> tuple:
-        return tuple(p.grad.data_ptr() if p.grad is not None else 0
+        """The storage of every parameter and gradient (a parameter given new storage, ``p.data = ...``,
+        must not be written through the old pointers the graph holds)."""
+        return tuple((p.data_ptr(), p.grad.data_ptr() if p.grad is not None else 0)
                      for g in self.optimizer.param_groups for p in g["params"])
 
     def _tensors_fingerprint(self) -> tuple:

@@ -22,7 +22,8 @@ class GradientProjectionHook:
     """The registered hook: call ``remove()`` to detach it. Counts calls and refreshes."""
 
     def __init__(self, param: Tensor, rank: int, update_proj_gap: int, proj_type: str, svd: str,
-                 oversample: Optional[int], niter: Optional[int], seed: int, refresh_backend: str):
+                 oversample: Optional[int], niter: Optional[int], seed: int, refresh_backend: str,
+                 backend: str = "auto"):
         if param.dim() != 2:
             raise ValueError(f"project_gradient_hook needs a 2-D parameter, got shape {tuple(param.shape)}.")
         check_rank(rank)
@@ -34,6 +35,7 @@ class GradientProjectionHook:
         self.update_proj_gap = check_update_proj_gap(update_proj_gap)
         self.svd, self.oversample, self.niter, self.seed = svd, oversample, niter, seed
         self.refresh_backend = dispatch.requested_backend("refresh", refresh_backend)
+        self.backend = dispatch.requested_backend("step", backend)  # GALORE_KERNELS_BACKEND wins, as everywhere
         self.calls = 0
         self.refresh_count = 0
         self.proj_left: Optional[Tensor] = None
@@ -47,7 +49,7 @@ class GradientProjectionHook:
         if self.calls % self.update_proj_gap == 0:
             self._refresh(grad)
         self.calls += 1
-        kernels = dispatch.step_backend("auto", grad.device)
+        kernels = dispatch.step_backend(self.backend, grad.device)
         lowrank = kernels.project(grad, self.proj_left, self.proj_right, self.side)
         return kernels.project_back(lowrank, self.proj_left, self.proj_right, self.side).to(grad.dtype)
 
@@ -76,11 +78,13 @@ def project_gradient_hook(
     niter: Optional[int] = None,
     seed: int = 0,
     refresh_backend: str = "auto",
+    backend: str = "auto",
 ) -> GradientProjectionHook:
     """Registers a hook replacing ``param``'s gradient by its rank-``rank`` filtered version.
 
     Randomized refreshes are seeded by (``seed``, refresh count): give each parameter its own seed
-    if their sketches should differ.
+    if their sketches should differ. ``backend`` ("auto", "reference", "triton") runs the
+    projections, as the optimizer's does.
     """
     return GradientProjectionHook(param, rank, update_proj_gap, proj_type, svd, oversample, niter, seed,
-                                  refresh_backend)
+                                  refresh_backend, backend)

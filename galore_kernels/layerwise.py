@@ -83,12 +83,16 @@ class LayerwiseHandle:
         self._lowrank_acc: dict[Tensor, Tensor] = {}  # param -> float32 sum of P^T G_i this window
         self._full_pending: dict[Tensor, None] = {}  # params whose window gradient sums in .grad
         self._queued_for_task: Optional[int] = None  # the backward pass whose end we wait for
-        self._hooks = [
+        self._hooks = []
+        for group in opt.param_groups:
+            self._hook_group(group)
+
+    def _hook_group(self, group: dict) -> None:
+        self._hooks.extend(
             p.register_post_accumulate_grad_hook(self._on_grad)
-            for group in opt.param_groups
             for p in group["params"]
             if p.requires_grad  # a frozen parameter never gets a gradient (and torch refuses the hook)
-        ]
+        )
 
     # ------------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -150,6 +154,12 @@ class LayerwiseHandle:
 
     @torch.no_grad()
     def _end_window(self) -> None:
+        if len(self.optimizer.param_groups) != len(self.base_lrs):
+            raise RuntimeError(
+                "layer-wise mode: a param group was added with handle.optimizer.add_param_group(), so its "
+                "parameters have no gradient hooks and would never be updated; add groups with "
+                "handle.add_param_group() (it hooks them and schedules their lr)."
+            )
         # Parameters that got gradients earlier in the window but none in its last micro-batch.
         for p in list(self._full_pending):
             self._full_pending.pop(p)
@@ -175,6 +185,18 @@ class LayerwiseHandle:
         self._end_window()
         return True
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group to the optimizer and hooks its parameters; its ``lr`` is the schedule's base
+        lr for it. Between windows only (after a window's last micro-batch, or after ``flush()``)."""
+        if self.micro_step or self._lowrank_acc or self._full_pending:
+            raise RuntimeError("layer-wise add_param_group() called inside an accumulation window; add the "
+                               "group after the window's last micro-batch, or call flush() first.")
+        self.optimizer.add_param_group(param_group)
+        group = self.optimizer.param_groups[-1]
+        self.base_lrs.append(group["lr"])
+        self._hook_group(group)
+        self._apply_schedule()
+
     def remove(self) -> None:
         """Detaches the hooks; gradients then accumulate in ``.grad`` as usual."""
         for hook in self._hooks:
@@ -199,6 +221,11 @@ class LayerwiseHandle:
         self.step_count = int(state["step_count"])
         self.base_lrs = list(state["base_lrs"])
         self._apply_schedule()
+        # An open window is dropped whole: its low-rank sums, and the gradients that refresh windows
+        # and plain parameters were still summing in .grad.
+        for p in self._full_pending:
+            p.grad = None
         self.micro_step = 0
         self._lowrank_acc.clear()
         self._full_pending.clear()
+        self._queued_for_task = None

@@ -101,6 +101,7 @@ class GaLoreAdamW(Optimizer):
         self._refreshed_this_step: set[int] = set()  # ids refreshed by a batched call in step()
         self._due_this_step: dict[int, bool] = {}  # refresh_due() answers of this step() (before refreshing)
         self._warned_nonfinite: set[int] = set()
+        self._warned_rank: set[int] = set()
         # Triton bucket steps: device step counts per bucket (with the host counts they match) and
         # per-group learning-rate buffers.
         self._device_step_cache: dict[tuple, tuple[Tensor, tuple]] = {}
@@ -192,9 +193,9 @@ class GaLoreAdamW(Optimizer):
                 continue
             side = self.side(p)
             self._init_state(p, group)
-            key = (side, tuple(p.shape), p.dtype, p.device)
+            key = (side, tuple(p.shape), p.dtype, p.device, self.param_rank(p) if side else None)
             buckets.setdefault(key, []).append(p)
-        for (side, _, _, device), params in buckets.items():
+        for (side, _, _, device, _), params in buckets.items():
             self._launch_bucket(group, side, device, params)
         return singles
 
@@ -219,7 +220,7 @@ class GaLoreAdamW(Optimizer):
         state tensors are the optimizer's own (moments in the group's state_dtype, contiguous; bases laid out here)."""
         key = tuple(id(p) for p in params)  # the bucket's device step counts and skip counter
         states = [self.state[p] for p in params]
-        lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), _rank(group, params[0]), side)
+        lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), self.param_rank(params[0]), side)
         for p, state in zip(params, states):  # the validated launch trusts these shapes: check them here
             if tuple(state["exp_avg"].shape) != lowrank:
                 raise RuntimeError(f"GaLoreAdamW: parameter #{self.param_info(p)[0]} has shape {tuple(p.shape)} but "
@@ -425,8 +426,9 @@ class GaLoreAdamW(Optimizer):
         state = self.state.get(p, {})
         if "proj_left" not in state and "proj_right" not in state:
             return True
-        if group["refresh_policy"] == "adaptive":
+        if group["refresh_policy"] == "adaptive" and "next_refresh" in state:
             return state["step"] >= state["next_refresh"]
+        # Fixed policy, or adaptive before its first refresh under that policy (switched mid-run).
         return (state["step"] + refresh_phase(group, position)) % group["update_proj_gap"] == 0
 
     def steps_until_refresh(self, p: Tensor) -> float:
@@ -438,10 +440,38 @@ class GaLoreAdamW(Optimizer):
             return 0
         _, group, position = self.param_info(p)
         step = self.state[p]["step"]
-        if group["refresh_policy"] == "adaptive":
+        if group["refresh_policy"] == "adaptive" and "next_refresh" in self.state[p]:
             return self.state[p]["next_refresh"] - step
         gap = group["update_proj_gap"]
         return (gap - (step + refresh_phase(group, position)) % gap) % gap
+
+    def param_rank(self, p: Tensor) -> int:
+        """The rank of ``p``'s projection. Fixed when its moments are created, as galore-torch fixes
+        it in its projector: the moments live in that rank's coordinates, so a later change of the
+        group's ``rank`` applies to parameters without state only (one warning per parameter)."""
+        _, group, _ = self.param_info(p)
+        wanted = _rank(group, p)
+        moments = self.state.get(p, {}).get("exp_avg")
+        side = self.side(p)
+        if moments is None or side is None:
+            return wanted
+        rank = moments.shape[1] if side == "right" else moments.shape[0]
+        if rank != wanted:
+            self._warn_rank(p, rank, wanted)
+        return rank
+
+    def _warn_rank(self, p: Tensor, rank: int, wanted: int) -> None:
+        index = self.param_info(p)[0]
+        if index in self._warned_rank:
+            return
+        self._warned_rank.add(index)
+        warnings.warn(
+            f"GaLoreAdamW: parameter #{index} (shape {tuple(p.shape)}) keeps rank {rank}, the rank its moments "
+            f"were created with; its group now asks for {wanted}. A rank applies from a parameter's first step "
+            "(as in galore-torch). To change it, create a new optimizer (or delete this parameter's state).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def check_finite(self, p: Tensor, grad: Tensor) -> bool:
         """False (and one warning per parameter) when ``grad`` holds NaN or Inf."""
@@ -495,7 +525,7 @@ class GaLoreAdamW(Optimizer):
         if group["svd"] == "randomized":
             generator = refresh_generator(group["seed"], index, state["refresh_count"], grad.device)
         left, right = projection_bases(
-            grad, _rank(group, p), side, method=group["svd"], oversample=group["oversample"],
+            grad, self.param_rank(p), side, method=group["svd"], oversample=group["oversample"],
             niter=group["niter"], generator=generator,
             backend=dispatch.refresh_backend(self.refresh_backend, grad.device),
         )
@@ -528,9 +558,9 @@ class GaLoreAdamW(Optimizer):
                 continue
             if not self.check_finite(p, grad):
                 continue
-            key = (tuple(p.shape), side, grad.dtype, grad.device)
+            key = (tuple(p.shape), side, grad.dtype, grad.device, self.param_rank(p))
             buckets.setdefault(key, []).append(p)
-        for (shape, side, dtype, device), params in buckets.items():
+        for (shape, side, dtype, device, _), params in buckets.items():
             per_chunk = max(1, BATCHED_REFRESH_BYTES // (params[0].grad.numel() * 4))
             for start in range(0, len(params), per_chunk):
                 chunk = params[start:start + per_chunk]
@@ -543,7 +573,7 @@ class GaLoreAdamW(Optimizer):
         generators = [refresh_generator(group["seed"], self.param_info(p)[0], state["refresh_count"], device)
                       for p, state in zip(params, states)]
         bases = randomized_bases_batched(
-            [p.grad for p in params], _rank(group, params[0]), side, group["oversample"], group["niter"],
+            [p.grad for p in params], self.param_rank(params[0]), side, group["oversample"], group["niter"],
             generators, dispatch.refresh_backend(self.refresh_backend, device),
         )
         key = "proj_left" if side == "left" else "proj_right"
@@ -576,11 +606,14 @@ class GaLoreAdamW(Optimizer):
         tensors unchanged.
         A checkpoint from before ``state_dtype`` existed loads as float32 state (its tensors are), and
         each group keeps the ``stochastic_rounding`` it had before the load."""
-        rounding_before = [group["stochastic_rounding"] for group in self.param_groups]
+        groups_before = [dict(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, rounding in zip(self.param_groups, rounding_before):
-            group.setdefault("state_dtype", "float32")
-            group.setdefault("stochastic_rounding", rounding)
+        for index, (group, before) in enumerate(zip(self.param_groups, groups_before)):
+            group.setdefault("state_dtype", "float32")  # saved state without the key is float32
+            for key, value in before.items():  # keys the saving optimizer did not have
+                group.setdefault(key, value)
+            if "rank" in group:
+                _complete_galore_group(group, index)
         self._rounding_seeds.clear()
         self._step_calls += 1  # invalidates a captured CUDA graph (GraphedStep)
         self._param_info = None  # the loader replaced the group dicts
@@ -593,6 +626,33 @@ class GaLoreAdamW(Optimizer):
             for key in KEEP_DTYPE_STATE:
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, copy=True)
+            if "projector" in self.state[p]:
+                self._adopt_galore_torch_state(p)
+
+    def _adopt_galore_torch_state(self, p: Tensor) -> None:
+        """galore-torch 1.0 keeps a parameter's basis in a ``GaLoreProjector`` object; it becomes this
+        optimizer's ``proj_left``/``proj_right`` (the same side rule, so the same matrices), and its
+        moments take the group's state dtype."""
+        index, group, _ = self.param_info(p)
+        state = self.state[p]
+        projector = state.pop("projector")
+        ortho = getattr(projector, "ortho_matrix", None)
+        side = self.side(p)
+        if side is None:
+            raise ValueError(f"GaLoreAdamW.load_state_dict: parameter #{index} (shape {tuple(p.shape)}) has a "
+                             "galore-torch projector but its group has no 'rank'; load into the same param groups.")
+        if ortho is None or "step" not in state:  # created, never stepped
+            state.clear()
+            return
+        bases = {"left": {"proj_left": ortho}, "right": {"proj_right": ortho},
+                 "full": {"proj_left": ortho[0], "proj_right": ortho[1]}}[side]
+        dtype = basis_dtype(p, group)
+        state.update({key: basis.detach().to(device=p.device, dtype=dtype) for key, basis in bases.items()})
+        moments = STATE_DTYPES[group["state_dtype"]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key].to(device=p.device, dtype=moments).contiguous()
+        # Refreshes so far, at the steps t (before the increment) with t % gap == 0: only seeds sketches.
+        state["refresh_count"] = (state["step"] - 1) // group["update_proj_gap"] + 1 if state["step"] > 0 else 0
 
 
 def _rounds_stochastically(p: Tensor, group: dict) -> bool:
@@ -682,6 +742,8 @@ def _complete_galore_group(group: dict, group_index: int) -> None:
     group["update_proj_gap"] = check_update_proj_gap(group["update_proj_gap"], f"{where}: update_proj_gap")
     for key in ("max_proj_gap", "oversample", "niter"):
         group[key] = _as_int(group[key])
+    if group["refresh_offset"] != "stagger":
+        group["refresh_offset"] = _as_int(group["refresh_offset"])
     check_proj_type(group["proj_type"], f"{where}: proj_type")
     gap = group["update_proj_gap"]
     if group["svd"] not in METHODS:

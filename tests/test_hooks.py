@@ -80,3 +80,11 @@ def test_hook_rejects_bad_input():
         project_gradient_hook(nn.Parameter(torch.zeros(3, 3)), 0)
     with pytest.raises(ValueError, match="proj_type"):
         project_gradient_hook(nn.Parameter(torch.zeros(3, 3)), 1, proj_type="up")
+
+
+def test_environment_forces_the_hooks_backend_too(monkeypatch):
+    """GALORE_KERNELS_BACKEND holds for the whole process, as for the optimizer."""
+    monkeypatch.setenv("GALORE_KERNELS_BACKEND", "reference")
+    hook = project_gradient_hook(nn.Parameter(torch.randn(8, 12)), 2, backend="triton")
+    assert hook.backend == "reference"
+    hook.remove()

@@ -223,3 +223,49 @@ def test_a_backward_pass_that_raises_does_not_stop_window_accounting():
     for _ in range(4):
         loss_fn(model, x, y, 2).backward()
     assert handle.step_count == 2
+
+
+def test_load_state_dict_inside_a_window_drops_the_whole_window():
+    """A rollback inside a window: the open window's low-rank sums and the full gradients still
+    summing in .grad (refresh windows, plain parameters) are dropped, so the next window equals a
+    clean resume's."""
+    data = batches(4 * 3)
+    model = make_model()
+    handle = attach_layerwise(model, groups(model), lr=1e-2, weight_decay=0.01, seed=3, grad_accumulation_steps=4)
+    for x, y in data[:4]:
+        loss_fn(model, x, y, 4).backward()
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "layerwise": handle.state_dict()}
+    for x, y in data[4:6]:  # half a window, then roll back
+        loss_fn(model, x, y, 4).backward()
+    model.load_state_dict(saved["model"])
+    handle.load_state_dict(saved["layerwise"])
+    assert all(p.grad is None for p in model.parameters())
+    clean = make_model(seed=99)
+    clean.load_state_dict(saved["model"])
+    clean_handle = attach_layerwise(clean, groups(clean), lr=1e-2, weight_decay=0.01, seed=3, grad_accumulation_steps=4)
+    clean_handle.load_state_dict(saved["layerwise"])
+    for x, y in data[4:8]:
+        loss_fn(model, x, y, 4).backward()
+        loss_fn(clean, x, y, 4).backward()
+    assert handle.step_count == clean_handle.step_count == 2
+    for a, b in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_groups_added_through_the_handle_are_hooked_and_direct_additions_are_refused():
+    model = make_model()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    handle = attach_layerwise(model, [{"params": [linears[0].weight], "rank": 4}], lr=1e-2, lr_lambda=LR_LAMBDA)
+    handle.add_param_group({"params": [linears[1].weight, linears[2].weight], "rank": 4, "lr": 5e-3})
+    handle.add_param_group({"params": [m.bias for m in linears]})
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches(1)[0]
+    loss_fn(model, x, y, 1).backward()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every group stepped
+    assert handle.optimizer.param_groups[1]["lr"] == pytest.approx(5e-3 * LR_LAMBDA(1))
+
+    other = make_model()
+    handle = attach_layerwise(other, [{"params": [other[0].weight], "rank": 4}], lr=1e-2)
+    handle.optimizer.add_param_group({"params": [other[2].weight]})
+    with pytest.raises(RuntimeError, match="handle.add_param_group"):
+        loss_fn(other, x, y, 1).backward()

@@ -518,3 +518,68 @@ def test_numpy_integer_settings_are_stored_as_python_ints():
     opt.step()
     group = roundtrip(opt.state_dict())["param_groups"][0]  # weights_only=True
     assert (group["rank"], group["update_proj_gap"]) == (3, 5) and type(group["rank"]) is int
+
+
+def test_refresh_offset_as_numpy_integer_is_accepted():
+    import numpy as np
+
+    w = nn.Parameter(torch.randn(8, 12))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 4, "refresh_offset": np.int64(3)}])
+    assert type(opt.param_groups[0]["refresh_offset"]) is int and opt.param_groups[0]["refresh_offset"] == 3
+
+
+def test_rank_changed_after_the_first_step_keeps_each_parameters_rank_with_a_warning():
+    """galore-torch fixes the rank in its projector; here the moments fix it: a later change of the
+    group's rank warns once and the parameter keeps stepping (through refreshes) at its rank."""
+    model = make_model()
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2)
+    train(model, opt, batches(2))
+    opt.param_groups[0]["rank"] = 3
+    with pytest.warns(RuntimeWarning, match="keeps rank 6"):
+        train(model, opt, batches(5, seed=2))  # refreshes at steps 3 and 6
+    for p in opt.param_groups[0]["params"]:
+        state = opt.state[p]
+        bases = [state[k] for k in ("proj_left", "proj_right") if k in state]
+        assert state["refresh_count"] == 3 and 6 in state["exp_avg"].shape and all(6 in b.shape for b in bases)
+        assert torch.isfinite(p).all()
+
+
+def test_switching_to_the_adaptive_policy_mid_run_takes_effect_from_the_next_refresh():
+    model = make_model()
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2)
+    train(model, opt, batches(4))  # refreshes at 0 and 3 under the fixed policy
+    opt.param_groups[0]["refresh_policy"] = "adaptive"
+    w = opt.param_groups[0]["params"][0]
+    assert opt.steps_until_refresh(w) == 2  # until its first adaptive refresh: the fixed schedule (step 6)
+    train(model, opt, batches(3, seed=2))
+    assert opt.state[w]["refresh_count"] == 3 and opt.state[w]["proj_gap"] == 3  # the adaptive gap starts
+
+
+def test_float64_weights_keep_their_precision():
+    """The update is float32 arithmetic, but a float64 weight is updated in float64, not rounded
+    to float32 at every step (galore-torch and torch's AdamW leave it untouched at lr = 0)."""
+    model = make_model(dtype=torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, GaLoreAdamW(galore_groups(model), lr=0.0), batches(2, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-12)  # an update far below float32's resolution
+    train(model, opt, batches(1, dtype=torch.float64))
+    changes = [(p - b).abs().max().item() for p, b in zip(model.parameters(), before)]
+    assert all(0 < c < 1e-9 for c in changes), changes
+
+
+def test_state_dict_without_newer_group_keys_keeps_the_constructed_settings():
+    """A checkpoint from before a group key existed (seed, svd, refresh_policy, ...) loads: the keys
+    it lacks keep what this optimizer was constructed with, and stepping goes on."""
+    model = make_model()
+    opt = GaLoreAdamW(galore_groups(model, refresh_policy="adaptive"), lr=1e-2, seed=7)
+    train(model, opt, batches(2))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("seed", "svd", "refresh_policy", "max_proj_gap", "adaptive_overlap", "refresh_offset"):
+            group.pop(key, None)
+    again = GaLoreAdamW(galore_groups(model, refresh_policy="adaptive"), lr=1e-2, seed=7)
+    again.load_state_dict(roundtrip(saved))
+    assert again.param_groups[0]["seed"] == 7 and again.param_groups[0]["refresh_policy"] == "adaptive"
+    train(model, again, batches(4, seed=2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -305,6 +305,42 @@ def test_lockstep_with_galore_torch_bitwise_on_random_gradients(proj_type, shape
     assert not torch.equal(ours_W.detach(), W0)  # it moved
 
 
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_galore_torch_state_dict_loads_and_continues_in_lockstep(proj_type):
+    """Drop-in also for checkpoints: galore-torch's state dict (its bases inside GaLoreProjector
+    objects, its groups without our keys) loads into GaLoreAdamW after 10 steps, and both continue
+    bitwise equal through two more refreshes (t = 14, 21). A plain-AdamW group rides along."""
+    m, n = 37, 53
+    gen = generator(4500 + PROJ_TYPES.index(proj_type))
+    W0, b0 = randn(m, n, gen=gen), randn(n, gen=gen)
+    theirs_W, theirs_b = nn.Parameter(W0.clone()), nn.Parameter(b0.clone())
+    group = {"rank": 8, "update_proj_gap": 7, "scale": 0.25, "proj_type": proj_type}
+    theirs = _make_galore_torch([{"params": [theirs_W], **group}, {"params": [theirs_b]}], lr=1e-2, weight_decay=0.1)
+
+    def step_both(*pairs):
+        for ours_p, theirs_p in pairs:
+            g = randn(*ours_p.shape, gen=gen)
+            ours_p.grad, theirs_p.grad = g.clone(), g.clone()
+
+    for _ in range(10):  # refreshes at steps 0 and 7
+        theirs_W.grad, theirs_b.grad = randn(m, n, gen=gen), randn(n, gen=gen)
+        theirs.step()
+    saved = copy.deepcopy(theirs.state_dict())  # what torch.save of galore-torch's optimizer holds
+    ours_W, ours_b = nn.Parameter(theirs_W.detach().clone()), nn.Parameter(theirs_b.detach().clone())
+    ours = GaLoreAdamW([{"params": [ours_W], "svd": "exact", **group}, {"params": [ours_b]}], lr=1e-2,
+                       weight_decay=0.1)
+    ours.load_state_dict(saved)
+    assert ours.param_groups[0]["svd"] == "exact" and ours.param_groups[0]["refresh_policy"] == "fixed"
+    assert "projector" not in ours.state[ours_W] and ours.state[ours_W]["exp_avg"].dtype == torch.float32
+    pairs = [(ours_W, theirs_W), (ours_b, theirs_b)]
+    for _ in range(12):
+        step_both(*pairs)
+        theirs.step()
+        ours.step()
+        _assert_lockstep(ours, theirs, [ours_W, ours_b], [theirs_W, theirs_b], {theirs_W}, exact=True)
+    assert ours.state[ours_W]["refresh_count"] == 4  # at t = 0, 7 (galore-torch), 14, 21 (ours)
+
+
 def test_reverse_std_with_rank_equal_to_short_side_where_galore_torch_breaks():
     """8x20, rank 8, reverse_std: the right side is projected, so the low-rank tensor is 8x8 (square)
     and galore-torch's project_back re-derives the *left* side from that shape: it multiplies the

@@ -2,7 +2,8 @@
 
 The Triton kernels implement the same functions under parallel names and are checked against these.
 Arithmetic is float32 whatever the parameter dtype: the gradient and the basis are read in float32,
-a bf16/fp16 weight is updated in float32 and rounded once (to nearest, or stochastically on request),
+a bf16/fp16 weight is updated in float32 and rounded once (to nearest, or stochastically on request;
+a float64 weight is updated in place, in float64),
 and so are bf16 moments (the optimizer's ``state_dtype="bfloat16"``): the update reads them in
 float32 and stores them rounded stochastically, the normalised step being computed from the
 unrounded float32 values. Rounded to nearest, bf16 moments would be biased for good: beta2's decay of
@@ -112,7 +113,9 @@ def galore_adamw_update_reference(
     if side is not None:
         normalized = project_back_reference(normalized, proj_left, proj_right, side) * scale
     step_size = adam_step_size(lr, beta1, beta2, step, correct_bias)
-    target = param if param.dtype == torch.float32 else param.float()
+    # 16-bit weights are updated in float32 and rounded once; float32 and float64 weights in place, so
+    # a float64 weight keeps its precision (the update itself is float32).
+    target = param if param.dtype in (torch.float32, torch.float64) else param.float()
     target.add_(normalized, alpha=-step_size)
     if weight_decay > 0.0:
         target.add_(target, alpha=-lr * weight_decay)

@@ -360,3 +360,22 @@ def test_masked_updates_are_reported_at_exact_refreshes_too():
         else:
             opt.step()
     assert opt.nonfinite_skips() == {index: 1}
+
+
+def test_rank_changed_mid_run_keeps_each_parameters_rank_on_the_kernels_too():
+    """The bucket launches take each parameter's rank from its moments, so a later change of the
+    group's rank warns and both backends keep stepping at the old rank, in step with each other."""
+    data = batches(6)
+    model_t, model_r = make_model(), make_model()
+    opt_t = GaLoreAdamW(groups(model_t), lr=1e-2, backend="triton")
+    opt_r = GaLoreAdamW(groups(model_r), lr=1e-2, backend="reference")
+    train(model_t, opt_t, data[:2])
+    train(model_r, opt_r, data[:2])
+    for opt in (opt_t, opt_r):
+        opt.param_groups[0]["rank"] = 4
+    with pytest.warns(RuntimeWarning, match="keeps rank 8"):
+        train(model_t, opt_t, data[2:])
+    with pytest.warns(RuntimeWarning, match="keeps rank 8"):
+        train(model_r, opt_r, data[2:])
+    assert max_rel_diff(list(model_t.parameters()), list(model_r.parameters())) < 1e-5
+    assert all(8 in opt_t.state[p]["exp_avg"].shape for p in opt_t.param_groups[0]["params"])

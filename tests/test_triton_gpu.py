@@ -213,6 +213,32 @@ def test_graph_replay_equals_eager_for_same_shape_layers(dtype, options):
         assert torch.equal(p_g, p_e)
 
 
+def test_a_shorter_refresh_gap_mid_run_is_not_skipped_by_replays():
+    """The replays left until the next refresh were counted at capture: a group's update_proj_gap
+    shortened mid-run must end them (a recapture), so the refresh it makes due runs on time."""
+    from galore_kernels.graphs import GraphedStep
+
+    model_g, model_e = same_shape_model(torch.float32), same_shape_model(torch.float32)
+    opts = [GaLoreAdamW(same_shape_groups(m), lr=1e-3, backend="triton", seed=1) for m in (model_g, model_e)]
+    for opt in opts:
+        opt.param_groups[0]["update_proj_gap"] = 8
+    graphed = GraphedStep(opts[0])
+    x = torch.randn(32, 250, device="cuda")
+    for i in range(12):
+        if i == 4:
+            for opt in opts:
+                opt.param_groups[0]["update_proj_gap"] = 3  # refreshes due at steps 6 and 9, not 8
+        for model, stepper, opt in ((model_g, graphed, opts[0]), (model_e, opts[1].step, opts[1])):
+            model(x).square().mean().backward()
+            stepper()
+            opt.zero_grad(set_to_none=False)
+    torch.cuda.synchronize()
+    assert graphed.replays >= 3
+    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
+        assert opts[0].state[p_g].get("refresh_count") == opts[1].state[p_e].get("refresh_count")
+        assert torch.equal(p_g, p_e)
+
+
 def test_a_direct_step_between_graph_calls_forces_an_eager_step():
     """A step() outside GraphedStep advances the counts the graph would replay from: the next call
     must not replay (it would skip a due refresh or read a freed basis)."""

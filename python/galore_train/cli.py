@@ -59,6 +59,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=OPTIMIZER_TYPES, help="overrides optimizer.type")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
                         help="continue from the newest complete checkpoint in output_dir (auto) or from PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds an earlier run's checkpoints (deletes them)")
     parser.add_argument("--prepare-data", action="store_true",
                         help="write the embedded default dataset and tokenizer under <output_dir>/data, then exit")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -73,7 +75,7 @@ def train_main(argv: list[str]) -> int:
         return prepare_data(config)
     from .trainer import train
 
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

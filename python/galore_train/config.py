@@ -7,6 +7,7 @@ dotted names. PyYAML reads ``1e-3`` as a string (YAML 1.1), so float keys accept
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,13 +219,18 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # an infinite lr or eps trains NaNs without an error
+                raise ConfigError(f"{source}: {key} = {value!r} must be a finite number")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -292,9 +298,18 @@ def validate(config: Config, source: str) -> None:
     need(t.log_every >= 1, "training.log_every", "must be >= 1")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
     need(bool(config.output_dir), "output_dir", "must be a folder path")
+    for key in ("oversample", "niter"):
+        value = getattr(o, key)
+        need(value is None or value >= 0, f"optimizer.{key}", f"= {value} must be >= 0 or null (the default)")
     a = config.model.architecture
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings"):
+        need(getattr(a, key) >= 1, f"model.architecture.{key}", f"= {getattr(a, key)} must be >= 1")
     need(a.hidden_size % a.num_attention_heads == 0, "model.architecture.hidden_size",
          f"= {a.hidden_size} must be a multiple of num_attention_heads = {a.num_attention_heads}")
+    need((a.hidden_size // a.num_attention_heads) % 2 == 0, "model.architecture.hidden_size",
+         f"= {a.hidden_size} over num_attention_heads = {a.num_attention_heads} gives an odd head size "
+         f"{a.hidden_size // a.num_attention_heads}; rotary position embeddings need it even")
     need(a.num_attention_heads % a.num_key_value_heads == 0, "model.architecture.num_key_value_heads",
          f"= {a.num_key_value_heads} must divide num_attention_heads = {a.num_attention_heads}")
     need(0.0 <= a.attention_dropout < 1.0, "model.architecture.attention_dropout",

@@ -140,7 +140,11 @@ def build_model(
             # The same quantized from_pretrained path as a folder: through a temporary folder that is
             # removed afterwards (the loaded tensors are independent of the files).
             with tempfile.TemporaryDirectory(prefix="galore_default_model_") as tmp:
-                default.save_pretrained(tmp)
+                # Every rank writes its own folder: once torch.distributed is up, transformers (5.x)
+                # writes on rank 0 only and would leave the other ranks' folders empty.
+                if hasattr(default, "should_save_on_this_rank"):
+                    default.should_save_on_this_rank = lambda is_main_process: True
+                default.save_pretrained(tmp, is_main_process=True)
                 del default
                 model = _from_pretrained(tmp, config, dtype, device, source="the embedded default model")
         else:

@@ -41,11 +41,37 @@ class OptimizerBundle:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads the saved moments, bases and schedule position; the hyperparameters stay this run's
+        config's (lr, betas, eps, weight decay, refresh settings: a resume may change them, and the
+        keys it may not change are refused before this runs), and the learning rate is recomputed
+        from the schedule at the saved position (it follows a changed total of steps)."""
         if self.layerwise is not None:
+            base_lrs = list(self.layerwise.base_lrs)
+            settings = _group_settings(self.optimizer)
             self.layerwise.load_state_dict(state["layerwise"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            _apply_group_settings(self.optimizer, settings)
+            self.layerwise.base_lrs = base_lrs
+            self.layerwise._apply_schedule()
+            return
+        settings = _group_settings(self.optimizer)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _apply_group_settings(self.optimizer, settings)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def _group_settings(optimizer) -> list[dict]:
+    """Every group's settings as this run's config built them (all but the parameters and the lr)."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+
+
+def _apply_group_settings(optimizer, settings: list[dict]) -> None:
+    for group, values in zip(optimizer.param_groups, settings):
+        group.update(values)
 
 
 def lr_lambda(config: Config, total_steps: int) -> Callable[[int], float]:

@@ -46,6 +46,21 @@ class DeviceError(PreflightError, ValueError):
 
 
 # ------------------------------------------------------------------------------ output folder
+def check_fresh_start(path: Union[str, Path], resume: Optional[str], overwrite: bool) -> None:
+    """A run that does not resume must not share output_dir with an earlier run's checkpoints: its
+    own would be pruned as the older ones, and a later --resume would pick the earlier run's."""
+    from .checkpoint import list_checkpoints
+
+    if resume is not None or overwrite:
+        return
+    found = list_checkpoints(Path(os.path.expanduser(str(path))))
+    if found:
+        raise PreflightError(
+            f"output_dir = {str(path)!r} holds checkpoints of an earlier run (newest: {found[-1][1].name}): continue "
+            "it with --resume, set another output_dir, or pass --overwrite to delete its checkpoints and start over"
+        )
+
+
 def check_output_dir(path: Union[str, Path]) -> None:
     """``path`` can be created or written: it is not a file, and it (or its nearest existing ancestor)
     is a writable folder on a writable file system. Writes nothing."""

@@ -11,20 +11,24 @@ records, so a resumed run repeats nothing and skips nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import distributed, preflight
 from .batching import Plan
 from .checkpoint import (
+    CHECKPOINT_DIRNAME,
     capture_rng_state,
     load_model_weights,
     load_training_state,
@@ -72,7 +76,7 @@ class LoadedData:
 
 
 # ------------------------------------------------------------------------------------- entry
-def train(config: Config, *, resume: Optional[str] = None) -> dict:
+def train(config: Config, *, resume: Optional[str] = None, overwrite: bool = False) -> dict:
     """Runs the configured training; returns the summary (also written to summary.json)."""
     info = distributed.from_environment()
     device = resolve_device(config.training.device)
@@ -80,11 +84,12 @@ def train(config: Config, *, resume: Optional[str] = None) -> dict:
         device = torch.device("cuda", info.local_rank)
     out = Path(config.output_dir)
     preflight.check_output_dir(out)
+    preflight.check_fresh_start(out, resume, overwrite)
     preflight.check_bitsandbytes(config)
     preflight.check_combination(config, world_size=info.world_size, device=device)
     distributed.init(info, device)
     try:
-        return Trainer(config, info, device, out).run(resume)
+        return Trainer(config, info, device, out).run(resume, overwrite=overwrite)
     finally:
         distributed.shutdown(info)
 
@@ -131,22 +136,33 @@ class Trainer:
         return DistributedDataParallel(self.model, device_ids=ids)
 
     def _restore(self, checkpoint: Path) -> None:
-        load_model_weights(checkpoint, self.model)
         saved = load_training_state(checkpoint)
+        # Refused before anything is loaded: a changed optimizer or model would otherwise fail inside
+        # the loaders with their own messages.
+        check_resumable(saved, self.config, self.info.world_size, checkpoint, data_fingerprint(self.data.train))
+        load_model_weights(checkpoint, self.model)
         self.bundle.load_state_dict(saved["optimizer"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        check_resumable(saved, self.config, self.info.world_size, checkpoint)
         self.state = TrainerState(**saved["trainer"])
+        if self.state.micro >= self.plan.micro_batches_per_epoch:  # a checkpoint from before the data check
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"cannot resume from {checkpoint}: it stopped at micro-batch {self.state.micro} of the epoch, but "
+                f"the epoch now has {self.plan.micro_batches_per_epoch}: the training data changed. Resume with the "
+                "data the run was saved with, or start a new run in another output_dir.")
         restore_rng_state(rank_rng_state(saved, self.info.rank))
         self._log(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch + 1}, micro-batch {self.state.micro})")
 
     # --------------------------------------------------------------------------- run
-    def run(self, resume: Optional[str]) -> dict:
+    def run(self, resume: Optional[str], overwrite: bool = False) -> dict:
         checkpoint = self.setup(resume)
         if self.info.is_main:
             self._announce()
             self.out.mkdir(parents=True, exist_ok=True)
+            if overwrite and checkpoint is None:  # asked for: the earlier run's checkpoints go
+                shutil.rmtree(self.out / CHECKPOINT_DIRNAME, ignore_errors=True)
             resumed_at = self.state.step if checkpoint is not None else None
             self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=resumed_at)
         try:
@@ -176,6 +192,7 @@ class Trainer:
             for w in range(first_window, plan.windows_per_epoch):
                 window = plan.window(w)
                 started = time.perf_counter()
+                lr = self.bundle.current_lr()  # what this step uses (the schedule advances after it)
                 with self.tracker.phase("train"):
                     loss, targets = self._train_window(order, window)
                 state.train_time_s += time.perf_counter() - started
@@ -186,7 +203,7 @@ class Trainer:
                 state.interval_windows += 1
                 epoch_done = window.stop == plan.micro_batches_per_epoch
                 last = state.step >= self.total_steps
-                self._after_step(progress, targets / max(1e-9, time.perf_counter() - started))
+                self._after_step(progress, lr, targets / max(1e-9, time.perf_counter() - started))
                 if t.eval_every and state.step % t.eval_every == 0 and not (epoch_done or last):
                     self._evaluate()
                 if t.save_every and state.step % t.save_every == 0 and not (epoch_done or last):
@@ -295,9 +312,8 @@ class Trainer:
                 self.tracker.write(self.out / "memory_report.json")
 
     # -------------------------------------------------------------------- logs, eval, save
-    def _after_step(self, progress, tokens_per_s: float) -> None:
+    def _after_step(self, progress, lr: float, tokens_per_s: float) -> None:
         state, t = self.state, self.t
-        lr = self.bundle.current_lr()
         progress.update(1)
         progress.set_postfix(loss=f"{state.interval_loss / max(1, state.interval_windows):.3f}", lr=f"{lr:.2e}",
                              tok_s=f"{tokens_per_s:.0f}", refresh=False)
@@ -337,6 +353,7 @@ class Trainer:
                 "rng": rng_per_rank[0],
                 "rng_per_rank": rng_per_rank,
                 "config": self.config.to_dict(),
+                "data": data_fingerprint(self.data.train),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }
             save_checkpoint(self.out, self.state.step, model=self.model, training_state=training_state)
@@ -444,12 +461,28 @@ RESUME_MUST_MATCH = (
 RESUME_DEFAULTS = {"optimizer.state_dtype": "float32", "optimizer.stochastic_rounding": False}
 
 
-def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Path) -> None:
+def data_fingerprint(train: TokenizedDataset) -> dict:
+    """What the saved data position counts in: the training examples, as tokenized (a changed
+    eval split, tokenizer, max_seq_len or data file changes them, and the seeded epoch orders)."""
+    digest = hashlib.sha256()
+    for example in train.examples:
+        digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
+        digest.update(np.asarray(example["labels"], dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return {"examples": len(train), "sha256": digest.hexdigest()}
+
+
+def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Path,
+                    data: Optional[dict] = None) -> None:
     """Refuses a resume whose data position or optimizer state would mean something else now."""
     from .checkpoint import CheckpointError
 
     before, now = saved["config"], config.to_dict()
     changed = []
+    if data is not None and saved.get("data") is not None and saved["data"] != data:
+        changed.append(f"the training examples were {saved['data']['examples']} (sha256 {saved['data']['sha256'][:12]}), "
+                       f"now {data['examples']} (sha256 {data['sha256'][:12]}): the data, its eval split, the "
+                       "tokenizer or max_seq_len changed")
     for key in RESUME_MUST_MATCH:
         section, name = key.split(".")
         saved_value = before.get(section, {}).get(name, RESUME_DEFAULTS.get(key))

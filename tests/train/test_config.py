@@ -46,6 +46,15 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("optimizer:\n  type: sgd\n", "optimizer.type"),
     ("optimizer:\n  rank: 0\n", "optimizer.rank"),
     ("optimizer:\n  state_dtype: float16\n", "optimizer.state_dtype"),
+    ("training:\n  lr: .inf\n", "training.lr"),
+    ("training:\n  eps: .nan\n", "training.eps"),
+    ("optimizer:\n  scale: 1e400\n", "optimizer.scale"),
+    ("optimizer:\n  oversample: -5\n", "optimizer.oversample"),
+    ("optimizer:\n  niter: -1\n", "optimizer.niter"),
+    ("model:\n  architecture:\n    num_key_value_heads: 0\n", "model.architecture.num_key_value_heads"),
+    ("model:\n  architecture:\n    num_attention_heads: 0\n", "model.architecture.num_attention_heads"),
+    ("model:\n  architecture:\n    hidden_size: 36\n    num_attention_heads: 4\n", "model.architecture.hidden_size"),
+    ("model:\n  architecture:\n    intermediate_size: -1\n", "model.architecture.intermediate_size"),
 ])
 def test_wrong_types_and_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -267,6 +267,19 @@ def test_two_process_ddp_with_dropout_resumes_bitwise(tmp_path, prepared):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_two_process_ddp_in_quantized_mode_a(tmp_path, prepared):
+    """Mode A builds the embedded default through a temporary save_pretrained folder on every rank
+    (transformers writes nothing on ranks other than 0 once torch.distributed is up, unless told to)."""
+    config = tiny_config(tmp_path / "ddp", prepared, quantization={"enabled": True, "load_in_8bit": True},
+                         training={"micro_batch_size": 4, "max_steps": 2, "epochs": 1})
+    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), "-m", "galore_train", "--config",
+                           str(write_config(tmp_path / "ddp.yaml", config))])
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["mode"].startswith("A:") and summary["steps"] == 2
+
+
 def test_download_without_network_fails_fast_with_its_message(tmp_path):
     started = time.time()
     done = run_subprocess(["-m", "galore_train", "download", "Qwen/Qwen2-0.5B", "--to", str(tmp_path / "m")], timeout=120)
@@ -337,6 +350,60 @@ def test_resume_with_a_different_batch_plan_is_refused(tmp_path, prepared, capsy
     assert run_cli(config, tmp_path, "--resume") == 2
     err = capsys.readouterr().err
     assert "training.micro_batch_size was 8, now 4" in err and "cannot resume" in err
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"optimizer": {"type": "adamw"}}, "optimizer.type was 'galore', now 'adamw'"),
+    ({"optimizer": {"type": "galore_layerwise"}}, "optimizer.type was 'galore', now 'galore_layerwise'"),
+    ({"data": {"eval_fraction": 0.25}}, "the training examples were"),
+    ({"training": {"max_seq_len": 22}}, "the training examples were"),
+])
+def test_resume_that_changes_the_optimizer_or_the_data_is_refused_before_loading(tmp_path, prepared, capsys, change, named):
+    """Refused with exit 2 and the change named, before any loader runs (a changed optimizer used to
+    fail inside load_state_dict with a traceback; a changed eval split or max_seq_len changes the
+    training examples, so the saved position would point elsewhere, and was accepted)."""
+    config = tiny_config(tmp_path / "run", prepared, training={"save_every": 2, "max_steps": 2, "epochs": 1})
+    config["data"] = {"train_file": config["data"]["train_file"], "tokenizer": config["data"]["tokenizer"]}  # split
+    assert run_cli(config, tmp_path) == 0
+    for section, values in change.items():
+        config[section].update(values)
+    assert run_cli(config, tmp_path, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and named in err and "Traceback" not in err
+
+
+def test_resume_keeps_this_runs_hyperparameters_and_follows_the_new_schedule(tmp_path, prepared):
+    """Stopped at max_steps = 3 of a cosine schedule (whose lr reaches 0 there), resumed with
+    max_steps = 6 and another peak lr: step 4 uses the new lr at the new schedule's position
+    (was: the saved groups' lr, 0). The logged lr is the one each step used."""
+    import math
+
+    config = tiny_config(tmp_path / "run", prepared, training={"max_steps": 3, "epochs": 1, "lr_scheduler": "cosine",
+                                                               "warmup_steps": 2, "lr": 3e-3})
+    assert run_cli(config, tmp_path) == 0
+    config["training"].update(max_steps=6, lr=1e-3)
+    assert run_cli(config, tmp_path, "--resume") == 0
+    logged = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"}
+    assert logged[1] == pytest.approx(3e-3 * 0.5) and logged[2] == pytest.approx(3e-3)  # warm-up: (step + 1) / 2
+    cosine = lambda step, total: 0.5 * (1 + math.cos(math.pi * (step - 2) / (total - 2)))  # noqa: E731
+    assert logged[3] == pytest.approx(3e-3 * cosine(2, 3))
+    for step in (4, 5, 6):  # the schedule's position is the step count before the step
+        assert logged[step] == pytest.approx(1e-3 * cosine(step - 1, 6)), step
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(tmp_path, prepared, capsys):
+    """Its own checkpoints would be pruned as the older ones and --resume would pick the earlier
+    run's: refused with exit 2 and nothing touched, unless --overwrite (which deletes them)."""
+    config = tiny_config(tmp_path / "run", prepared, training={"max_steps": 4, "epochs": 1, "save_every": 2})
+    assert run_cli(config, tmp_path) == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert before == ["step-2", "step-4"]
+    config["training"].update(max_steps=2, save_every=1)
+    assert run_cli(config, tmp_path) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert run_cli(config, tmp_path, "--overwrite") == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1", "step-2"]
 
 
 def test_resume_checks_the_optimizer_state_settings_with_defaults_for_older_checkpoints(tmp_path):

@@ -507,7 +507,9 @@ def prune_checkpoints(output_dir: PathLike, keep_last: int) -> list[Path]:
     for _, path in reversed(checkpoints):
         if len(keep) >= keep_last:
             break
-        if checkpoint_is_complete(path)[0]:
+        # Manifest and sizes, not checksums: a complete save is caught by them, and re-hashing every
+        # kept checkpoint at each save would read gigabytes for a large model (resume verifies sums).
+        if checkpoint_is_complete(path, verify_checksums=False)[0]:
             keep.add(path)
     if not keep:
         if not checkpoints:

@@ -297,6 +297,9 @@ def validate(config: Config, source: str) -> None:
         need(getattr(t, key) >= 0, f"training.{key}", "must be >= 0")
     need(t.log_every >= 1, "training.log_every", "must be >= 1")
     need(0 < config.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
+    need(config.data.eval_file is None or config.data.train_file is not None, "data.eval_file",
+         f"= {config.data.eval_file!r} is set but data.train_file is null: the embedded default dataset has its own "
+         "eval split; set data.train_file to your training data too, or remove data.eval_file")
     need(bool(config.output_dir), "output_dir", "must be a folder path")
     for key in ("oversample", "niter"):
         value = getattr(o, key)

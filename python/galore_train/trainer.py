@@ -108,6 +108,7 @@ class Trainer:
         config, t = self.config, self.t
         with self.tracker.phase("load"):
             self.data = load_data(config, self.out)
+            self.data_fp = data_fingerprint(self.data.train)  # saved with each checkpoint, checked on resume
             torch.manual_seed(t.seed)
             self.model = build_model(config, vocab_size=len(self.data.tokenizer), device=self.device)
         preflight.check_seq_len(self.model, config)
@@ -139,7 +140,7 @@ class Trainer:
         saved = load_training_state(checkpoint)
         # Refused before anything is loaded: a changed optimizer or model would otherwise fail inside
         # the loaders with their own messages.
-        check_resumable(saved, self.config, self.info.world_size, checkpoint, data_fingerprint(self.data.train))
+        check_resumable(saved, self.config, self.info.world_size, checkpoint, self.data_fp)
         load_model_weights(checkpoint, self.model)
         self.bundle.load_state_dict(saved["optimizer"])
         if self.scaler is not None and saved.get("scaler"):
@@ -346,19 +347,39 @@ class Trainer:
     def _save(self) -> None:
         # Every rank's RNG state (dropout draws differ between ranks): a collective, so all ranks call it.
         rng_per_rank = distributed.gather_objects(capture_rng_state(), self.info)
+        failure = None
         if self.info.is_main:
-            training_state = {
-                "optimizer": self.bundle.state_dict(),
-                "trainer": asdict(self.state),
-                "rng": rng_per_rank[0],
-                "rng_per_rank": rng_per_rank,
-                "config": self.config.to_dict(),
-                "data": data_fingerprint(self.data.train),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            }
-            save_checkpoint(self.out, self.state.step, model=self.model, training_state=training_state)
-            prune_checkpoints(self.out, self.t.keep_last)
+            try:
+                self._write_checkpoint(rng_per_rank)
+            except OSError as err:  # a full disk, a lost mount: the previous checkpoint is intact
+                failure = err
+        # Every rank learns whether the save worked (rank 0 alone raising would leave the others
+        # waiting in the barrier).
+        (failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
+        if failed:
+            from .checkpoint import CheckpointError, list_checkpoints
+
+            kept = [path.name for _, path in list_checkpoints(self.out)]
+            raise CheckpointError(
+                f"could not write the checkpoint of step {self.state.step} in {self.out / CHECKPOINT_DIRNAME}"
+                + (f": {failure}" if failure is not None else " (rank 0 failed)")
+                + f". The checkpoints already there are intact ({', '.join(kept) or 'none yet'}): free space or fix "
+                "the folder, then continue with --resume.")
         distributed.barrier(self.info)
+
+    def _write_checkpoint(self, rng_per_rank: list) -> None:
+        """Rank 0: the checkpoint of this step (model, optimizer, position, every rank's RNG), then pruning."""
+        training_state = {
+            "optimizer": self.bundle.state_dict(),
+            "trainer": asdict(self.state),
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
+            "config": self.config.to_dict(),
+            "data": self.data_fp,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        save_checkpoint(self.out, self.state.step, model=self.model, training_state=training_state)
+        prune_checkpoints(self.out, self.t.keep_last)
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:
@@ -457,6 +478,8 @@ RESUME_MUST_MATCH = (
     "optimizer.target_modules", "optimizer.svd", "optimizer.refresh_policy", "optimizer.state_dtype",
     "optimizer.stochastic_rounding", "quantization.enabled", "data.train_file", "model.name_or_path",
 )
+# Keys naming a file or folder: the same place spelled another way (relative, absolute) is no change.
+RESUME_PATHS = ("data.train_file", "model.name_or_path")
 # What a checkpoint written before a key existed ran with.
 RESUME_DEFAULTS = {"optimizer.state_dtype": "float32", "optimizer.stochastic_rounding": False}
 
@@ -486,6 +509,8 @@ def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Pa
     for key in RESUME_MUST_MATCH:
         section, name = key.split(".")
         saved_value = before.get(section, {}).get(name, RESUME_DEFAULTS.get(key))
+        if key in RESUME_PATHS and _same_path(saved_value, now[section][name]):
+            continue
         if saved_value != now[section][name]:
             changed.append(f"{key} was {saved_value!r}, now {now[section][name]!r}")
     saved_world = saved["trainer"].get("world_size", 1)
@@ -503,6 +528,14 @@ def rank_rng_state(saved: dict, rank: int) -> dict:
     rank 0's only, which every rank then takes (as such checkpoints were restored)."""
     per_rank = saved.get("rng_per_rank")
     return per_rank[rank] if per_rank and rank < len(per_rank) else saved["rng"]
+
+
+def _same_path(a, b) -> bool:
+    """Whether two config values name the same existing file or folder (hub ids compare as strings)."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def clip_if_finite(params: list, max_norm: float) -> torch.Tensor:

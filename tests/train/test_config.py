@@ -55,6 +55,7 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("model:\n  architecture:\n    num_attention_heads: 0\n", "model.architecture.num_attention_heads"),
     ("model:\n  architecture:\n    hidden_size: 36\n    num_attention_heads: 4\n", "model.architecture.hidden_size"),
     ("model:\n  architecture:\n    intermediate_size: -1\n", "model.architecture.intermediate_size"),
+    ("data:\n  eval_file: held_out.jsonl\n", "data.eval_file"),
 ])
 def test_wrong_types_and_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -406,6 +406,54 @@ def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(tmp_path, pre
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1", "step-2"]
 
 
+def test_a_failed_save_is_a_clear_error_and_keeps_the_earlier_checkpoints(tmp_path, prepared, capsys, monkeypatch):
+    """A full disk while saving step 4: exit 2 with a message naming the intact checkpoints, which
+    stay loadable; --resume then continues from step 2."""
+    import errno
+
+    import galore_train.trainer as trainer
+
+    real_save = trainer.save_checkpoint
+
+    def save_or_fail(output_dir, step, **kw):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(output_dir, step, **kw)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_or_fail)
+    config = tiny_config(tmp_path / "run", prepared, training={"max_steps": 6, "epochs": 1, "save_every": 2})
+    assert run_cli(config, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint of step 4" in err and "No space left" in err and "step-2" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    assert run_cli(config, tmp_path, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_pruning_checks_sizes_not_checksums(tmp_path, prepared, monkeypatch):
+    """Pruning decides on the manifest and file sizes (a crashed save fails them); it does not
+    re-hash every kept checkpoint at each save."""
+    import galore_train.checkpoint as ckpt
+
+    config = tiny_config(tmp_path / "run", prepared, training={"max_steps": 3, "epochs": 1, "save_every": 1})
+    assert run_cli(config, tmp_path) == 0
+    monkeypatch.setattr(ckpt, "_sha256", lambda file: pytest.fail(f"pruning hashed {file}"))
+    removed = ckpt.prune_checkpoints(tmp_path / "run", keep_last=1)
+    assert sorted(p.name for p in removed) == ["step-1", "step-2"]
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-3"]
+
+
+def test_resume_accepts_the_same_data_file_spelled_as_a_relative_path(tmp_path, prepared):
+    import os
+
+    config = tiny_config(tmp_path / "run", prepared, training={"max_steps": 2, "epochs": 1})
+    assert run_cli(config, tmp_path) == 0
+    config["data"]["train_file"] = os.path.relpath(config["data"]["train_file"])
+    config["training"]["max_steps"] = 3
+    assert run_cli(config, tmp_path, "--resume") == 0
+
+
 def test_resume_checks_the_optimizer_state_settings_with_defaults_for_older_checkpoints(tmp_path):
     """A resume that would silently drop state_dtype or stochastic_rounding is refused; a checkpoint
     written before the keys existed ran with their defaults."""

@@ -65,6 +65,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, is not complete, or cannot be loaded."""
 
 
+class TrainingStopped(Exception):
+    """SIGTERM ended the run after a step whose checkpoint was written: --resume continues it."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (incomplete or corrupt) or only partly restored."""
 

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from .config import OPTIMIZER_TYPES, ConfigError, load_config
 
 USER_ERROR = 2
+STOPPED_BY_SIGTERM = 128 + 15  # a shell's status for SIGTERM: the run is not finished
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,6 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("galore-train: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # user errors get a message, bugs keep their traceback
+        from .checkpoint import TrainingStopped
+
+        if isinstance(err, TrainingStopped):
+            print(f"galore-train: {err}", file=sys.stderr)
+            return STOPPED_BY_SIGTERM
         if isinstance(err, user_errors()):
             print(f"galore-train: error: {err}", file=sys.stderr)
             return USER_ERROR

@@ -15,7 +15,9 @@ import hashlib
 import logging
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from . import distributed, preflight
 from .batching import Plan
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
+    TrainingStopped,
     capture_rng_state,
     load_model_weights,
     load_training_state,
@@ -102,6 +105,7 @@ class Trainer:
         self.state = TrainerState(world_size=info.world_size)
         self.metrics: Optional[MetricsLog] = None
         self.tensors_recorded = False  # optimizer state exists only after the first step
+        self.stop_requested = False  # set by SIGTERM; the loop stops after the current step
 
     # ------------------------------------------------------------------------- set-up
     def setup(self, resume: Optional[str]) -> Optional[Path]:
@@ -166,14 +170,45 @@ class Trainer:
                 shutil.rmtree(self.out / CHECKPOINT_DIRNAME, ignore_errors=True)
             resumed_at = self.state.step if checkpoint is not None else None
             self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=resumed_at)
+        previous = self._catch_sigterm()
         try:
             self._loop()
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if self.metrics is not None:
                 self.metrics.close()
             if self.info.is_main:
                 self.tracker.write(self.out / "memory_report.json")
         return self._finish()
+
+    def _catch_sigterm(self):
+        """SIGTERM (a scheduler's preemption, torchrun's shutdown) finishes the current step, writes
+        its checkpoint and stops (TrainingStopped); the previous handler is returned for restoring.
+        Signals can be caught in the main thread only: elsewhere the default stays."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if not self.stop_requested:
+                print("galore-train: SIGTERM: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
+            self.stop_requested = True
+
+        return signal.signal(signal.SIGTERM, request_stop)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (every rank answers at every step: a collective)."""
+        (requests,) = distributed.all_sum([1.0 if self.stop_requested else 0.0], self.info, self.device)
+        return requests > 0
+
+    def _stop(self, epoch_done: bool, saved: bool) -> None:
+        if epoch_done:
+            self._end_epoch()  # evaluation and checkpoint, as the loop would do next
+        elif not saved:
+            self._save()
+        raise TrainingStopped(
+            f"stopped by SIGTERM after step {self.state.step} of {self.total_steps}; checkpoint step-{self.state.step} "
+            f"in {self.out / CHECKPOINT_DIRNAME}: continue with --resume")
 
     def _announce(self) -> None:
         print(self.routing.format(), flush=True)
@@ -207,10 +242,13 @@ class Trainer:
                 self._after_step(progress, lr, targets / max(1e-9, time.perf_counter() - started))
                 if t.eval_every and state.step % t.eval_every == 0 and not (epoch_done or last):
                     self._evaluate()
-                if t.save_every and state.step % t.save_every == 0 and not (epoch_done or last):
+                saved = bool(t.save_every and state.step % t.save_every == 0 and not (epoch_done or last))
+                if saved:
                     self._save()
                 if last:
                     break
+                if self._stop_agreed():
+                    self._stop(epoch_done, saved)
             if state.micro == plan.micro_batches_per_epoch:
                 self._end_epoch()
             else:

@@ -167,6 +167,34 @@ def test_max_steps_inside_an_epoch_then_resume_with_more_steps_continues_that_ep
     assert trained(tmp_path / "stopped") == trained(tmp_path / "straight") == list(range(1, 13))
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_bitwise(tmp_path, prepared):
+    """A scheduler's preemption: SIGTERM mid-run finishes the step, saves it (no save_every needed)
+    and exits 143; --resume then ends bitwise where an uninterrupted run ends."""
+    training = {"epochs": 2, "save_every": 0}
+    straight = tiny_config(tmp_path / "straight", prepared, training=training)
+    stopped = tiny_config(tmp_path / "stopped", prepared, training=training)
+    done = run_subprocess(["-m", "galore_train", "--config", str(write_config(tmp_path / "straight.yaml", straight))])
+    assert done.returncode == 0, done.stderr
+    config_path = write_config(tmp_path / "stopped.yaml", stopped)
+    proc = subprocess.Popen([sys.executable, "-m", "galore_train", "--config", str(config_path)], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "stopped" / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and '"step": 3,' in metrics.read_text()):  # mid-epoch (12 steps an epoch)
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the run never reached step 3"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err and "--resume" in err
+    saved = [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-")
+    resumed = run_subprocess(["-m", "galore_train", "--config", str(config_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, prepared):
     config = tiny_config(tmp_path / "run", prepared, training={"save_every": 2, "epochs": 1, "max_steps": 6})
     assert run_cli(config, tmp_path) == 0

@@ -6,6 +6,7 @@ compiler down to a cubin here. The precision mapping of float32 matmuls is check
 """
 import itertools
 import os
+import re
 
 import pytest
 import torch
@@ -145,12 +146,49 @@ def test_float32_matmul_precision_follows_torch(setting, expected):
 
 def _ptx(kernel, signature: dict, constexprs: dict, divisible: tuple, num_warps=4, num_stages=3) -> str:
     """PTX as the JIT would build it for real launches: the listed arguments marked 16-divisible
-    (Triton does that for aligned pointers and sizes), unit strides passed as constants."""
-    names = list(signature)
+    (Triton does that for aligned pointers and sizes), unit strides passed as constants. Attributes
+    are keyed by the argument's position in the kernel's own parameter list (a constant stride
+    between runtime ones shifts the positions of those after it)."""
+    names = list(kernel.arg_names)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible}
-    source = triton.compiler.ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                       constexprs=constexprs, attrs=attrs)
+    full = {k: signature.get(k, "constexpr") for k in names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+
+
+def _copy_widths(ptx: str) -> set:
+    """Byte widths of the global -> shared asynchronous copies (cp.async) in ``ptx``."""
+    return {int(w, 16) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+)", ptx)}
+
+
+# Operand layouts of the real launches: unit strides are constants (the JIT specialises 1), the
+# others runtime and 16-divisible. left: A = P^T read from P (m x r), B = G; right: A = G, B = Q^T from Q.
+PROJECT_LAYOUTS = {"left": dict(stride_am=1, stride_bn=1), "right": dict(stride_ak=1, stride_bk=1)}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("config, dtype", [(c, d) for c, d, p in gemm_variants() if p == "ieee"])
+def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
+    """Every projection and back-projection operand reaches shared memory in 16-byte cp.async copies
+    for bf16/fp16 and IEEE float32 (a 4-byte copy is a transposing copy, four times the instructions:
+    what TF32's wgmma, which takes K-major operands only, gets for G and N today; see RESULTS.md)."""
+    cfg = DEVICE_CONFIGS[config]
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    operand = utils.TORCH_TO_TL[dtype]
+    layout = PROJECT_LAYOUTS[side]
+    sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")
+              if k not in layout}}
+    ptx = _ptx(project._lowrank_project_kernel, sig, dict(
+        A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION="ieee", INTERPRETER=False,
+        RANK_ON_M=side == "left", **layout, **tiles), tuple(sig), cfg.num_warps, cfg.num_stages)
+    assert _copy_widths(ptx) == {16}, ("project", _copy_widths(ptx))
+    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
+        A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION="ieee", STOCHASTIC=False,
+        INTERPRETER=False, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+    assert _copy_widths(ptx) == {16}, ("back_apply", _copy_widths(ptx))
 
 
 def test_16bit_operands_reach_the_tensor_cores_without_conversion():

@@ -1,7 +1,7 @@
 """Tile sweep of the step's two GEMM kernels, kernel by kernel (a tuning aid for the GPU sessions).
 
     python benchmarks/sweep_gemm.py                  # on a GPU: every case x every candidate tile
-    python benchmarks/sweep_gemm.py 64,128,64,4,3    # only the listed tiles (block_m,block_n,block_k,warps,stages)
+    python benchmarks/sweep_gemm.py 64,128,64,4,3    # only the listed tiles (block_m,block_n,block_k,warps,stages[,tma])
     TRITON_INTERPRET=1 python benchmarks/sweep_gemm.py   # a dry run of this script on the CPU (tiny shapes)
 
 For each case (the bf16 4096x4096 rank-512 target, and the 368M model's three bucket shapes at rank
@@ -36,8 +36,12 @@ ROUNDS = int(os.environ.get("SWEEP_ROUNDS", "20" if CUDA else "1"))
 CASES = ([(1, 4096, 4096, 512, torch.bfloat16), (96, 1024, 1024, 256, torch.bfloat16),
           (48, 2736, 1024, 256, torch.bfloat16), (24, 1024, 2736, 256, torch.bfloat16)] if CUDA
          else [(2, 48, 80, 16, torch.bfloat16)])
+# block_m,block_n,block_k,warps,stages[,tma]: pointer loads first, then the same tiles with TMA operand
+# loads (utils.tile_product_tma), which a tile that does not compile or fit reports as failed.
 CANDIDATES = ["64,128,64,4,3", "128,128,64,4,3", "128,128,64,8,3", "128,256,64,8,3", "64,256,64,4,3",
-              "128,64,64,4,3", "64,64,64,4,3", "64,128,64,4,4", "128,128,32,4,4", "256,128,64,8,3"]
+              "128,64,64,4,3", "64,64,64,4,3", "64,128,64,4,4", "128,128,32,4,4", "256,128,64,8,3",
+              "64,128,64,4,3,1", "128,128,64,8,3,1", "128,128,64,8,4,1", "128,256,64,8,3,1", "256,128,64,8,3,1",
+              "64,256,64,4,3,1"]
 
 
 def bucket(batch: int, m: int, n: int, rank: int, dtype: torch.dtype):
@@ -74,7 +78,7 @@ def sweep_case(case, tiles: list[str], bandwidth: float) -> None:
                "back_apply": lambda: back_apply_triton(weights, normalized, bases, lr, flags, side=side, weight_decay=0.0)}
     print(f"\n{batch} x {m}x{n} rank {rank} {str(dtype).split('.')[-1]} ({side}); bytes floor: "
           + ", ".join(f"{k} {v:.4f} ms" for k, v in floors.items()))
-    print(f"  {'tile (bm,bn,bk,warps,stages)':30s} {'project ms':>11s} {'x floor':>8s} {'back_apply ms':>14s} {'x floor':>8s}")
+    print(f"  {'tile (bm,bn,bk,warps,stages,tma)':30s} {'project ms':>11s} {'x floor':>8s} {'back_apply ms':>14s} {'x floor':>8s}")
     for tile in tiles:
         os.environ[GEMM_CONFIG_ENV] = tile
         cells = []

@@ -66,7 +66,7 @@ def test_project_kernel_compiles(side, config, dtype, precision, basis):
                  **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], OPERAND=utils.TORCH_TO_TL[dtype],
-        PRECISION=precision, INTERPRETER=False, RANK_ON_M=side == "left", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=side == "left", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -78,7 +78,8 @@ def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stoch
     signature = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
                  "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     compile_kernel(back_apply._back_apply_kernel, signature, dict(
-        A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype], OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, STOCHASTIC=stochastic, INTERPRETER=False,
+        A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype],
+        OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, STOCHASTIC=stochastic, INTERPRETER=False, TMA=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -120,7 +121,7 @@ def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
                  **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
     compiled = compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=tl.float32, B_DTYPE=utils.TORCH_TO_TL[operand], OPERAND=utils.TORCH_TO_TL[operand],
-        PRECISION=precision, INTERPRETER=False, RANK_ON_M=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
     ptx = compiled.asm["ptx"]
     assert ("wgmma" in ptx) == tensor_cores and "mma.sync" not in ptx
@@ -187,7 +188,7 @@ def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION="ieee", STOCHASTIC=False,
-        INTERPRETER=False, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+        INTERPRETER=False, TMA=False, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
     assert _copy_widths(ptx) == {16}, ("back_apply", _copy_widths(ptx))
 
 
@@ -204,7 +205,7 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
     for operand in (tl.float32, tl.bfloat16):
         ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
             A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
-            STOCHASTIC=False, INTERPRETER=False, **tiles), divisible)
+            STOCHASTIC=False, INTERPRETER=False, TMA=False, **tiles), divisible)
         assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx  # 16-byte asynchronous copies
         conversions[operand] = ptx.count("cvt.rn.bf16x2.f32")
     assert conversions[tl.bfloat16] < conversions[tl.float32] / 2, conversions
@@ -212,6 +213,59 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
            **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_ak", "stride_bk")}}
     ptx = _ptx(project._lowrank_project_kernel, sig, dict(
         A_DTYPE=tl.bfloat16, B_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee", INTERPRETER=False,
-        RANK_ON_M=True, stride_am=1, stride_bn=1, **tiles),
+        TMA=False, RANK_ON_M=True, stride_am=1, stride_bn=1, **tiles),
         ("a_table", "b_table", "out_ptr", "nonfinite_ptr", "out_batch_stride", "M", "N", "K", "stride_ak", "stride_bk"))
     assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx and "cvt.rn.bf16x2.f32" not in ptx
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("config, dtype, precision", list(gemm_variants()))
+def test_tma_variants_load_every_operand_by_bulk_tensor_copies(side, config, dtype, precision):
+    """With a configuration's tma flag (the sweep's candidates), both GEMMs build device-side
+    descriptors and load every operand tile with cp.async.bulk.tensor (no per-thread copies left)."""
+    cfg = DEVICE_CONFIGS[config]
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    operand = utils.TORCH_TO_TL[dtype]
+    layout = PROJECT_LAYOUTS[side]
+    sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")
+              if k not in layout}}
+    ptx = _ptx(project._lowrank_project_kernel, sig, dict(
+        A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=True,
+        RANK_ON_M=side == "left", **layout, **tiles), tuple(sig), cfg.num_warps, cfg.num_stages)
+    assert "cp.async.bulk.tensor" in ptx and not _copy_widths(ptx), ("project", _copy_widths(ptx))
+    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
+        A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION=precision, STOCHASTIC=False,
+        INTERPRETER=False, TMA=True, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+    assert "cp.async.bulk.tensor" in ptx and not _copy_widths(ptx), ("back_apply", _copy_widths(ptx))
+
+
+def test_tma_needs_rows_of_16_byte_multiples_and_keeps_a_users_allocator():
+    from triton.runtime import _allocation
+
+    tma = utils.GemmConfig(64, 128, 64, 4, 3, tma=True)
+    assert utils.tma_ready(tma, (160, 32)) and not utils.tma_ready(tma, (160, 62))
+    assert not utils.tma_ready(utils.GemmConfig(64, 128, 64, 4, 3), (160, 32))  # not asked for
+    previous = _allocation._allocator.get()
+    try:
+        _allocation._allocator.set(_allocation.NullAllocator())
+        utils._ensure_allocator()
+        assert _allocation._allocator.get() is utils._torch_allocation
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        utils._ensure_allocator()
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.set(previous)
+
+
+def test_gemm_config_override_takes_an_optional_tma_flag(monkeypatch):
+    monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64,8,3,1")
+    assert utils.gemm_config(4096, 4096, torch.bfloat16) == utils.GemmConfig(128, 128, 64, 8, 3, tma=True)
+    monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64,8,3")
+    assert utils.gemm_config(4096, 4096, torch.bfloat16).tma is False
+    monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64")
+    with pytest.raises(ValueError, match="five or six integers"):
+        utils.gemm_config(4096, 4096, torch.bfloat16)

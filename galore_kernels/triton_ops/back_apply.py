@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, load_pointer, pointer_table,
-                    random_seeds, round_weight, stacked_table, tile_product)
+                    random_seeds, round_weight, stacked_table, tile_product, tile_product_tma, tma_ready)
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def _back_apply_kernel(
     PRECISION: tl.constexpr,
     STOCHASTIC: tl.constexpr,  # bf16 weights rounded stochastically
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
+    TMA: tl.constexpr,  # operands through TMA descriptors (utils.tile_product_tma)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -58,8 +59,12 @@ def _back_apply_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
+    if TMA:
+        acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, K, N, OPERAND, PRECISION,
+                               INTERPRETER, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
 
     finite = tl.load(nonfinite_ptr + batch) == 0
     decay = 1.0 - tl.load(lr_ptr) * weight_decay
@@ -91,6 +96,8 @@ def back_apply_triton(
     a_table, b_table = (basis_table, n_table) if side == "left" else (n_table, basis_table)
     a_dtype, b_dtype = (bases[0].dtype, normalized.dtype) if side == "left" else (normalized.dtype, bases[0].dtype)
     cfg = gemm_config(m, n, dtype, len(params))
+    # A is M x K and B is K x N, row-major: rows of K (= rank) and of N elements.
+    tma = tma_ready(cfg, (rank * torch.finfo(a_dtype).bits // 8, n * torch.finfo(b_dtype).bits // 8))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
     stochastic = bool(stochastic_rounding)
     if stochastic:
@@ -101,7 +108,7 @@ def back_apply_triton(
         a_table, b_table, pointer_table(params, device), lr, nonfinite,
         rounding_seeds if stochastic else nonfinite, steps if stochastic else nonfinite, m, n, rank, weight_decay,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
-        STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(),
+        STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), TMA=tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds, load_pointer,
-                    pointer_table, stacked_scratch, tile_product)
+                    pointer_table, stacked_scratch, tile_product, tile_product_tma, tma_ready)
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def _lowrank_project_kernel(
     PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands ("ieee" or "tf32")
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
     RANK_ON_M: tl.constexpr,  # True for left (R = P^T G), False for right (R = G Q^T)
+    TMA: tl.constexpr,  # operands through TMA descriptors (utils.tile_product_tma)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -62,8 +63,13 @@ def _lowrank_project_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                       OPERAND, PRECISION, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K)
+    if TMA:  # left: A = P^T stored as P (K x M), B = G (K x N); right: A = G (M x K), B = Q^T stored as Q (N x K)
+        acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K,
+                               stride_ak if RANK_ON_M else stride_am, stride_bk if RANK_ON_M else stride_bn,
+                               OPERAND, PRECISION, INTERPRETER, not RANK_ON_M, RANK_ON_M, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                           OPERAND, PRECISION, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K)
 
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = out_ptr + batch.to(tl.int64) * out_batch_stride + offs_m[:, None] * N + offs_n[None, :]
@@ -102,11 +108,14 @@ def lowrank_project_triton(
     basis_dtype = bases[0].dtype  # float32, or the gradients' dtype (read without a conversion)
     a_dtype, b_dtype = (basis_dtype, dtype) if side == "left" else (dtype, basis_dtype)
     cfg = gemm_config(M, N, dtype, len(grads))
+    m, n = grads[0].shape
+    basis_row = rank if side == "left" else n  # P is m x r, Q is r x n
+    tma = tma_ready(cfg, (n * grads[0].element_size(), basis_row * bases[0].element_size()))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), len(grads))
     _lowrank_project_kernel[grid](
         a_table, b_table, out, nonfinite, out.stride(0), M, N, K, sam, sak, sbk, sbn,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], OPERAND=TORCH_TO_TL[dtype],
-        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left",
+        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left", TMA=tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -138,6 +138,65 @@ def tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, st
     return acc
 
 
+@triton.jit
+def tile_product_tma(a_ptr, b_ptr, off_m, off_n, M, N, K, lda, ldb,
+                     OPERAND: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+                     A_K_MAJOR: tl.constexpr, B_N_MAJOR: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`tile_product` with both operands loaded by the tensor memory accelerator (TMA) through
+    device-side descriptors: bulk copies into shared memory, out-of-bounds rows zero-filled. Each
+    operand is a row-major matrix with row stride ``lda``/``ldb`` (16-byte multiples, base 16-byte
+    aligned: the launchers check): A is M x K (A_K_MAJOR) or stored as its K x M transpose, B is
+    K x N (B_N_MAJOR) or stored as N x K. A transposed tile is a view for the tensor cores (16-bit
+    wgmma reads either major order), not a copy."""
+    if A_K_MAJOR:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[lda, 1], block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[K, M], strides=[lda, 1], block_shape=[BLOCK_K, BLOCK_M])
+    if B_N_MAJOR:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[ldb, 1], block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[ldb, 1], block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if A_K_MAJOR:
+            a = a_desc.load([off_m, k0])
+        else:
+            a = tl.trans(a_desc.load([k0, off_m]))
+        if B_N_MAJOR:
+            b = b_desc.load([k0, off_n])
+        else:
+            b = tl.trans(b_desc.load([off_n, k0]))
+        acc = tl.dot(dot_operand(a, OPERAND, INTERPRETER), dot_operand(b, OPERAND, INTERPRETER), acc=acc,
+                     input_precision=PRECISION)
+    return acc
+
+
+def tma_ready(cfg: "GemmConfig", row_bytes: Sequence[int]) -> bool:
+    """Whether a launch with ``cfg`` loads its operands through TMA: the configuration asks for it
+    and every operand's row stride is a multiple of 16 bytes (the hardware's rule; bases are
+    16-byte aligned already). Otherwise the pointer loads of :func:`tile_product` run."""
+    if not cfg.tma or any(b % ALIGNMENT for b in row_bytes):
+        return False
+    if not interpreting():
+        _ensure_allocator()
+    return True
+
+
+def _torch_allocation(size: int, alignment: int, stream) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors live in a global scratch that Triton asks an allocator for at each
+    launch; torch's caching allocator serves it (also under CUDA graph capture). A user's own
+    allocator is kept. The setting is per thread (layer-wise hooks run in autograd's threads)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_allocation)
+
+
 # ------------------------------------------------------------------------------ launch configs
 @dataclass(frozen=True)
 class GemmConfig:
@@ -146,6 +205,7 @@ class GemmConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # operands through TMA descriptors where their layout allows (tile_product_tma)
 
 
 # The configurations the GEMM launchers can pick (the ahead-of-time compile test builds each one).
@@ -163,8 +223,9 @@ ELEMENTWISE_WARPS = 4
 INTERPRETER_ELEMENTWISE_BLOCK = 256
 
 
-# Tuning knob for GPU sessions (benchmarks sweep it): "block_m,block_n,block_k,num_warps,num_stages"
-# replaces every GEMM configuration. Not for production use: only GEMM_CONFIGS are compile-tested.
+# Tuning knob for GPU sessions (benchmarks sweep it): "block_m,block_n,block_k,num_warps,num_stages[,tma]"
+# replaces every GEMM configuration (also under the interpreter, where the parity tests use it for the
+# TMA path). Not for production use: only GEMM_CONFIGS are compile-tested.
 GEMM_CONFIG_ENV = "GALORE_KERNELS_GEMM_CONFIG"
 
 
@@ -175,15 +236,18 @@ MIN_PROGRAMS = 132
 
 def gemm_config(out_rows: int, out_cols: int, operand_dtype: torch.dtype, batch: int = 1) -> GemmConfig:
     """Tile shape for ``batch`` (out_rows x out_cols) outputs with a long reduction or K = rank."""
-    if interpreting():
-        return GEMM_CONFIGS["interpreter"]
     override = os.environ.get(GEMM_CONFIG_ENV)
     if override:
+        values = override.split(",")
         try:
-            return GemmConfig(*(int(v) for v in override.split(",")))
+            if len(values) not in (5, 6):
+                raise ValueError(len(values))
+            return GemmConfig(*(int(v) for v in values[:5]), *(bool(int(v)) for v in values[5:]))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{GEMM_CONFIG_ENV}={override!r} must be five integers: "
-                             "block_m,block_n,block_k,num_warps,num_stages") from err
+            raise ValueError(f"{GEMM_CONFIG_ENV}={override!r} must be five or six integers: "
+                             "block_m,block_n,block_k,num_warps,num_stages[,tma (0 or 1)]") from err
+    if interpreting():
+        return GEMM_CONFIGS["interpreter"]
     bits = "16bit" if operand_dtype != torch.float32 else "fp32"
     wide = GEMM_CONFIGS[f"wide_{bits}"]
     programs = cdiv(out_rows, wide.block_m) * cdiv(out_cols, wide.block_n) * batch

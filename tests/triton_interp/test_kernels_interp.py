@@ -285,3 +285,39 @@ def test_16bit_bases_give_the_same_step_as_float32_bases(side, dtype):
     for key in ("params", "exp_avgs", "exp_avg_sqs"):
         for x, y in zip(getattr(b32, key), getattr(b16, key)):
             assert torch.equal(x, y), key
+
+
+# Operands through TMA tensor descriptors (GALORE_KERNELS_GEMM_CONFIG's sixth field), which the
+# interpreter emulates: rows of 16-byte multiples take them, others fall back to pointer loads.
+TMA_CONFIG = "32,64,32,4,1,1"
+
+
+@pytest.mark.parametrize("shape, rank, takes_tma", [((48, 80), 16, True), ((80, 48), 8, True), ((33, 65), 8, False)])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_operand_loads_match_float64(monkeypatch, shape, rank, takes_tma, side, dtype):
+    from galore_kernels.triton_ops import back_apply, project
+
+    decisions = []
+    for module in (project, back_apply):
+        real = module.tma_ready
+        monkeypatch.setattr(module, "tma_ready", lambda cfg, rows, real=real: decisions.append(real(cfg, rows)) or decisions[-1])
+    monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", TMA_CONFIG)
+    seed = zlib.crc32(repr(("tma", shape, rank, side, dtype)).encode())
+    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=seed)
+    bases = [p.to(dtype) for p in b.bases]  # what the optimizer hands the kernels for 16-bit weights
+    out = torch.full((2, *b.exp_avgs[0].shape), float("nan"))
+    lowrank, _ = lowrank_project_triton(b.grads, bases, side, rank, out=out)
+    for i in range(2):
+        g, p = b.grads[i].double(), bases[i].double()
+        assert relative_error(lowrank[i], p.T @ g if side == "left" else g @ p.T) <= 1e-6
+    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=seed)
+    old = b.clone()
+    expected_w, expected_m, _ = bucket_step64(old, LR, 0.1)
+    control = bucket_step_torch(old, LR, 0.1)
+    run_bucket(b, LR, 0.1)
+    for i in range(2):
+        err = update_error(b.params[i], old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[dtype]
+        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
+    assert decisions and all(d == takes_tma for d in decisions), decisions

@@ -8,6 +8,7 @@ Three yardsticks, none of them galore_kernels' own reference functions:
 from __future__ import annotations
 
 import copy
+import io
 import math
 import warnings
 
@@ -325,7 +326,10 @@ def test_galore_torch_state_dict_loads_and_continues_in_lockstep(proj_type):
     for _ in range(10):  # refreshes at steps 0 and 7
         theirs_W.grad, theirs_b.grad = randn(m, n, gen=gen), randn(n, gen=gen)
         theirs.step()
-    saved = copy.deepcopy(theirs.state_dict())  # what torch.save of galore-torch's optimizer holds
+    buffer = io.BytesIO()  # a galore-torch checkpoint: its GaLoreProjector objects need weights_only=False
+    torch.save(theirs.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
     ours_W, ours_b = nn.Parameter(theirs_W.detach().clone()), nn.Parameter(theirs_b.detach().clone())
     ours = GaLoreAdamW([{"params": [ours_W], "svd": "exact", **group}, {"params": [ours_b]}], lr=1e-2,
                        weight_decay=0.1)

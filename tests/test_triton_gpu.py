@@ -71,6 +71,12 @@ TMA_TILES = ["64,128,64,4,3,1", "128,128,64,8,3,1", "128,256,64,8,3,1"]
 @pytest.mark.parametrize("tiles", TMA_TILES)
 @pytest.mark.parametrize("shape, rank", SHAPES[:3])
 def test_tma_operand_loads_match_float64(monkeypatch, tiles, shape, rank):
+    from galore_kernels.triton_ops import back_apply, project
+
+    decisions = []
+    for module in (project, back_apply):
+        real = module.tma_ready
+        monkeypatch.setattr(module, "tma_ready", lambda cfg, rows, real=real: decisions.append(real(cfg, rows)) or decisions[-1])
     monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", tiles)
     side = "left" if shape[0] < shape[1] else "right"
     b = make_bucket(shape, rank, side, torch.bfloat16, batch=2, steps_before=7, seed=rank + 11, device="cuda")
@@ -84,6 +90,8 @@ def test_tma_operand_loads_match_float64(monkeypatch, tiles, shape, rank):
         control_err = update_error(control[i].cpu(), old.params[i], expected_w[i])
         assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[torch.bfloat16], (err, control_err)
         assert relative_error(b.exp_avgs[i].cpu(), expected_m[i]) <= MOMENT_TOL[torch.bfloat16]
+    takes_tma = shape != (1023, 2049)  # rows of 2049 or 100 bf16 elements are no 16-byte multiples
+    assert decisions and all(d == takes_tma for d in decisions), decisions
 
 
 @pytest.mark.parametrize("shape, rank", SHAPES[:3])

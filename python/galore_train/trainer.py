@@ -389,7 +389,8 @@ class Trainer:
         if self.info.is_main:
             try:
                 self._write_checkpoint(rng_per_rank)
-            except OSError as err:  # a full disk, a lost mount: the previous checkpoint is intact
+            except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError, safetensors' or torch's own error
+                logger.warning("saving the checkpoint of step %d failed", self.state.step, exc_info=True)
                 failure = err
         # Every rank learns whether the save worked (rank 0 alone raising would leave the others
         # waiting in the barrier).
@@ -400,9 +401,9 @@ class Trainer:
             kept = [path.name for _, path in list_checkpoints(self.out)]
             raise CheckpointError(
                 f"could not write the checkpoint of step {self.state.step} in {self.out / CHECKPOINT_DIRNAME}"
-                + (f": {failure}" if failure is not None else " (rank 0 failed)")
+                + (f": {type(failure).__name__}: {failure}" if failure is not None else " (rank 0 failed)")
                 + f". The checkpoints already there are intact ({', '.join(kept) or 'none yet'}): free space or fix "
-                "the folder, then continue with --resume.")
+                "the folder, then continue with --resume.") from failure
         distributed.barrier(self.info)
 
     def _write_checkpoint(self, rng_per_rank: list) -> None:
@@ -417,7 +418,10 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         save_checkpoint(self.out, self.state.step, model=self.model, training_state=training_state)
-        prune_checkpoints(self.out, self.t.keep_last)
+        try:
+            prune_checkpoints(self.out, self.t.keep_last)
+        except OSError as err:  # the new checkpoint is written; older ones just stay
+            logger.warning("pruning old checkpoints in %s failed (%s); they are kept", self.out, err)
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -117,6 +118,11 @@ class GaLoreAdamW(Optimizer):
         self._rounding_seeds: dict[tuple, Tensor] = {}
         self._nonfinite_skips: dict[int, int] = {}  # parameter index -> masked bucket steps, as read
         self._reported_this_step = False
+        # Host-time savings of steady steps: a group's bucket layout is reused while nothing it depends on
+        # changed (_StepPlan), and a bucket's state lists while the state version holds.
+        self._state_version = 0  # bumped whenever state tensors are created, replaced or loaded
+        self._plans: dict[int, _StepPlan] = {}  # id(group) -> its last steady step's layout
+        self._prepared: dict[tuple, tuple] = {}  # bucket key -> (state version, states, moments, bases)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed,
                         state_dtype=check_state_dtype(state_dtype, "state_dtype"), stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
@@ -139,6 +145,7 @@ class GaLoreAdamW(Optimizer):
             self.param_groups.pop()
             raise
         self._param_info = None
+        self._state_version += 1
 
     def param_info(self, p: Tensor) -> tuple[int, dict, int]:
         """(index among all parameters, its group, position inside the group).
@@ -167,18 +174,69 @@ class GaLoreAdamW(Optimizer):
         self._last_buckets = []
         try:
             for group in self.param_groups:
-                self._refresh_batched(group)
-                for p in self._step_buckets(group):
-                    self.step_param(p, p.grad)
+                self._step_group(group)
         finally:
             self._refreshed_this_step.clear()
             self._due_this_step.clear()
             self._reported_this_step = False
         return loss
 
-    def _step_buckets(self, group: dict) -> list[Tensor]:
-        """Steps the group's parameters that a bucket backend (Triton) can take, a launch or three per
-        bucket of same-shape parameters; returns the rest, for :meth:`step_param` one at a time.
+    def _step_group(self, group: dict) -> None:
+        """One group's step: refreshes that are due (batched), the bucket launches, then the
+        parameters no bucket takes, one at a time. A steady step (no refresh due, the same gradients
+        and state as the last one) reuses the last step's bucket layout instead of re-deciding it
+        parameter by parameter: on a model of a few hundred tensors that decision is most of the
+        step's host time."""
+        plan = self._reusable_plan(group)
+        if plan is None:
+            self._refresh_batched(group)
+            buckets, singles = self._bucket_layout(group)
+            version = self._state_version
+        else:
+            buckets, singles = plan.buckets, plan.singles
+            plan.steps_left -= 1
+        for side, device, params in buckets:
+            self._launch_bucket(group, side, device, params)
+        for p in singles:
+            self.step_param(p, p.grad)
+        if plan is not None:
+            plan.steps = tuple(state["step"] for state in plan.states)
+        elif self._state_version == version:  # nothing refreshed or created after the layout
+            states = [self.state.get(p, {}) for p in group["params"] if p.grad is not None]
+            if all("step" in state for state in states):
+                self._plans[id(group)] = _StepPlan(
+                    self._state_version, _plan_settings(group), self._grad_pointers(group), buckets, singles,
+                    self._steady_steps(group), states, tuple(state["step"] for state in states))
+
+    def _reusable_plan(self, group: dict) -> Optional["_StepPlan"]:
+        """The group's last layout, if this step is steady like the last: no refresh due, the same
+        settings, gradients and state, and no step counted since by anything else (a CUDA graph
+        replay, a direct step_param) that would make its count of steady steps stale."""
+        plan = self._plans.get(id(group))
+        if (plan is None or plan.steps_left <= 0 or plan.version != self._state_version
+                or plan.settings != _plan_settings(group) or plan.pointers != self._grad_pointers(group)
+                or tuple(state["step"] for state in plan.states) != plan.steps):
+            return None
+        return plan
+
+    @staticmethod
+    def _grad_pointers(group: dict) -> tuple:
+        """What the bucket layout depends on, per parameter: whether it has a gradient, and what the
+        kernels' fit test reads of the weight and the gradient (shape, dtype, dense and contiguous,
+        16-byte aligned). New gradient tensors each step (zero_grad(set_to_none=True)) keep it."""
+        return tuple(None if (g := p.grad) is None else
+                     ("sparse",) if g.is_sparse else
+                     (p.shape, p.dtype, g.dtype, p.is_contiguous() and g.is_contiguous(),
+                      (p.data_ptr() | g.data_ptr()) & 15)
+                     for p in group["params"])
+
+    def _steady_steps(self, group: dict) -> float:
+        """How many coming steps of the group refresh nothing (0: the next one does)."""
+        return min((self.steps_until_refresh(p) for p in group["params"] if p.grad is not None and p in self.state),
+                   default=0)
+
+    def _bucket_layout(self, group: dict) -> tuple[list, list]:
+        """([(side, device, params)] of the bucket launches, [the parameters stepped one at a time]).
 
         A bucket step checks the gradient on the device (no host synchronisation): a non-finite
         gradient leaves that parameter's weight and moments unchanged, but its step still counts.
@@ -195,9 +253,7 @@ class GaLoreAdamW(Optimizer):
             self._init_state(p, group)
             key = (side, tuple(p.shape), p.dtype, p.device, self.param_rank(p) if side else None)
             buckets.setdefault(key, []).append(p)
-        for (side, _, _, device, _), params in buckets.items():
-            self._launch_bucket(group, side, device, params)
-        return singles
+        return [(side, device, params) for (side, _, _, device, _), params in buckets.items()], singles
 
     def _bucketable(self, p: Tensor, group: dict) -> bool:
         """Whether ``p`` is stepped by a bucket launch this step: a bucket backend whose kernels take
@@ -219,22 +275,11 @@ class GaLoreAdamW(Optimizer):
         key fixes shape, dtype and device, :meth:`_bucketable` contiguity and alignment, and the
         state tensors are the optimizer's own (moments in the group's state_dtype, contiguous; bases laid out here)."""
         key = tuple(id(p) for p in params)  # the bucket's device step counts and skip counter
-        states = [self.state[p] for p in params]
-        lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), self.param_rank(params[0]), side)
-        for p, state in zip(params, states):  # the validated launch trusts these shapes: check them here
-            if tuple(state["exp_avg"].shape) != lowrank:
-                raise RuntimeError(f"GaLoreAdamW: parameter #{self.param_info(p)[0]} has shape {tuple(p.shape)} but "
-                                   f"its moments are {tuple(state['exp_avg'].shape)} (was the parameter replaced "
-                                   "in place?); re-create the optimizer for the new shape.")
-            if state["exp_avg"].dtype != states[0]["exp_avg"].dtype or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
-                raise RuntimeError(f"GaLoreAdamW: the moments of parameter #{self.param_info(p)[0]} are "
-                                   f"{state['exp_avg'].dtype}/{state['exp_avg_sq'].dtype}, unlike the rest of its "
-                                   "group's; convert them all to the group's state_dtype.")
+        states, moments, bases = self._prepared_bucket(key, side, params)
         backend = self._step_backend(params[0])
         steps = self._device_steps(key, states, device)
         lr = self._device_lr(group, device)
         beta1, beta2 = group["betas"]
-        moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
         skipped = self._skip_counter(key, params, device)
         rounding = dict(rounding_seeds=self._bucket_rounding_seeds(key, group, params, device),
                         stochastic_rounding=_rounds_stochastically(params[0], group))
@@ -243,10 +288,6 @@ class GaLoreAdamW(Optimizer):
                                  group["eps"], group["weight_decay"], group["correct_bias"], validated=True,
                                  skipped=skipped, **rounding)
         else:
-            name = "proj_left" if side == "left" else "proj_right"
-            for state in states:  # laid out once per refresh (exact bases are column-major, ...)
-                state[name] = backend.kernel_basis(state[name])
-            bases = [self._operand_basis(p, state[name]) for p, state in zip(params, states)]
             backend.galore_bucket(params, [p.grad for p in params], *moments, bases,
                                   steps, lr, side, beta1, beta2, group["eps"], group["weight_decay"],
                                   group["scale"], group["correct_bias"], validated=True, skipped=skipped,
@@ -255,6 +296,34 @@ class GaLoreAdamW(Optimizer):
             state["step"] += 1
         self._device_step_cache[key] = (steps, tuple(state["step"] for state in states))
         self._last_buckets.append((key, params))
+
+    def _prepared_bucket(self, key: tuple, side, params: list[Tensor]) -> tuple[list, tuple, Optional[list]]:
+        """(states, (exp_avgs, exp_avg_sqs), operand bases or None) of a bucket, checked and laid out
+        once per state version (the validated launch trusts them)."""
+        prepared = self._prepared.get(key)
+        if prepared is not None and prepared[0] == self._state_version:
+            return prepared[1:]
+        states = [self.state[p] for p in params]
+        lowrank = tuple(params[0].shape) if side is None else lowrank_shape(tuple(params[0].shape), self.param_rank(params[0]), side)
+        for p, state in zip(params, states):
+            if tuple(state["exp_avg"].shape) != lowrank:
+                raise RuntimeError(f"GaLoreAdamW: parameter #{self.param_info(p)[0]} has shape {tuple(p.shape)} but "
+                                   f"its moments are {tuple(state['exp_avg'].shape)} (was the parameter replaced "
+                                   "in place?); re-create the optimizer for the new shape.")
+            if state["exp_avg"].dtype != states[0]["exp_avg"].dtype or state["exp_avg_sq"].dtype != state["exp_avg"].dtype:
+                raise RuntimeError(f"GaLoreAdamW: the moments of parameter #{self.param_info(p)[0]} are "
+                                   f"{state['exp_avg'].dtype}/{state['exp_avg_sq'].dtype}, unlike the rest of its "
+                                   "group's; convert them all to the group's state_dtype.")
+        moments = ([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states])
+        bases = None
+        if side is not None:
+            backend = self._step_backend(params[0])
+            name = "proj_left" if side == "left" else "proj_right"
+            for state in states:  # laid out once per refresh (exact bases are column-major, ...)
+                state[name] = backend.kernel_basis(state[name])
+            bases = [self._operand_basis(p, state[name]) for p, state in zip(params, states)]
+        self._prepared[key] = (self._state_version, states, moments, bases)
+        return states, moments, bases
 
     def _operand_basis(self, p: Tensor, basis: Tensor) -> Tensor:
         """The basis in the kernels' operand dtype: the state's own when it has the weights' dtype
@@ -504,6 +573,7 @@ class GaLoreAdamW(Optimizer):
         if "step" in state:
             return state
         state["step"] = 0
+        self._state_version += 1
         side = self.side(p)
         shape = tuple(p.shape) if side is None else lowrank_shape(tuple(p.shape), _rank(group, p), side)
         dtype = STATE_DTYPES[group["state_dtype"]]
@@ -538,6 +608,7 @@ class GaLoreAdamW(Optimizer):
         dtype = basis_dtype(p, group)
         state.update({key: basis.to(dtype) for key, basis in new.items()})
         state["refresh_count"] += 1
+        self._state_version += 1
 
     def _refresh_batched(self, group: dict) -> None:
         """Refreshes the group's same-shape parameters that are due, one backend call per shape.
@@ -607,6 +678,13 @@ class GaLoreAdamW(Optimizer):
         A checkpoint from before ``state_dtype`` existed loads as float32 state (its tensors are), and
         each group keeps the ``stochastic_rounding`` it had before the load."""
         groups_before = [dict(group) for group in self.param_groups]
+        for index, (saved, group) in enumerate(zip(state_dict.get("param_groups", []), groups_before)):
+            if ("rank" in saved) != ("rank" in group):
+                raise ValueError(
+                    f"GaLoreAdamW.load_state_dict: param group {index} is "
+                    f"{'a GaLore group (with rank)' if 'rank' in saved else 'a plain AdamW group (no rank)'} in the "
+                    f"state dict but {'a GaLore group' if 'rank' in group else 'a plain AdamW group'} here; its state would not "
+                    "fit. Construct the optimizer with the same param groups the state was saved from.")
         super().load_state_dict(state_dict)
         for index, (group, before) in enumerate(zip(self.param_groups, groups_before)):
             group.setdefault("state_dtype", "float32")  # saved state without the key is float32
@@ -615,6 +693,9 @@ class GaLoreAdamW(Optimizer):
             if "rank" in group:
                 _complete_galore_group(group, index)
         self._rounding_seeds.clear()
+        self._state_version += 1
+        self._plans.clear()
+        self._prepared.clear()
         self._step_calls += 1  # invalidates a captured CUDA graph (GraphedStep)
         self._param_info = None  # the loader replaced the group dicts
         self._device_step_cache.clear()
@@ -653,6 +734,27 @@ class GaLoreAdamW(Optimizer):
             state[key] = state[key].to(device=p.device, dtype=moments).contiguous()
         # Refreshes so far, at the steps t (before the increment) with t % gap == 0: only seeds sketches.
         state["refresh_count"] = (state["step"] - 1) // group["update_proj_gap"] + 1 if state["step"] > 0 else 0
+
+
+@dataclass
+class _StepPlan:
+    """A group's bucket layout, reused by steady steps while its inputs hold (GaLoreAdamW._reusable_plan)."""
+
+    version: int  # the optimizer's state version it was made under
+    settings: tuple  # _plan_settings(group) then
+    pointers: tuple  # GaLoreAdamW._grad_pointers(group) then
+    buckets: list  # [(side, device, params)]
+    singles: list  # parameters stepped one at a time
+    steps_left: float  # steady steps it may still serve: none of the group's parameters refreshes in them
+    states: list  # the state of every parameter it steps
+    steps: tuple  # their step counts after its last step: any other change means it is stale
+
+
+def _plan_settings(group: dict) -> tuple:
+    """The group keys a bucket layout or the refresh schedule depends on (the per-step scalars, lr,
+    betas, eps, weight decay, scale, are read at every launch)."""
+    return tuple(group.get(key) for key in ("rank", "proj_type", "update_proj_gap", "refresh_policy", "refresh_offset",
+                                             "svd", "state_dtype", "stochastic_rounding", "seed"))
 
 
 def _rounds_stochastically(p: Tensor, group: dict) -> bool:

@@ -583,3 +583,17 @@ def test_state_dict_without_newer_group_keys_keeps_the_constructed_settings():
     assert again.param_groups[0]["seed"] == 7 and again.param_groups[0]["refresh_policy"] == "adaptive"
     train(model, again, batches(4, seed=2))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_state_dict_of_other_group_kinds_is_refused_with_the_group_named():
+    """A plain-AdamW group's state loaded into a GaLore group (or back) would not fit its moments."""
+    model = make_model()
+    plain = GaLoreAdamW([{"params": [m.weight for m in model if isinstance(m, nn.Linear)]},
+                         {"params": [m.bias for m in model if isinstance(m, nn.Linear)]}], lr=1e-2)
+    train(model, plain, batches(1))
+    with pytest.raises(ValueError, match="param group 0 is a plain AdamW group"):
+        GaLoreAdamW(galore_groups(model), lr=1e-2).load_state_dict(plain.state_dict())
+    galore = GaLoreAdamW(galore_groups(model), lr=1e-2)
+    train(model, galore, batches(1))
+    with pytest.raises(ValueError, match="param group 0 is a GaLore group"):
+        plain.load_state_dict(galore.state_dict())

@@ -379,3 +379,46 @@ def test_rank_changed_mid_run_keeps_each_parameters_rank_on_the_kernels_too():
         train(model_r, opt_r, data[2:])
     assert max_rel_diff(list(model_t.parameters()), list(model_r.parameters())) < 1e-5
     assert all(8 in opt_t.state[p]["exp_avg"].shape for p in opt_t.param_groups[0]["params"])
+
+
+def test_steady_steps_reuse_the_bucket_layout_and_track_the_reference(monkeypatch):
+    """Steady steps reuse the last step's bucket layout (no per-parameter decisions); a gradient that
+    skips steps, a refresh, a changed weight decay and a parameter given new storage all still land
+    exactly where the reference lands."""
+    data = batches(12)
+    model_t, model_r = make_model(), make_model()
+    kw = dict(lr=1e-2, weight_decay=0.01, seed=5)
+    opt_t = GaLoreAdamW(groups(model_t, update_proj_gap=5), backend="triton", **kw)
+    opt_r = GaLoreAdamW(groups(model_r, update_proj_gap=5), backend="reference", **kw)
+    layouts = []
+    real = GaLoreAdamW._bucket_layout
+    monkeypatch.setattr(GaLoreAdamW, "_bucket_layout", lambda self, group: layouts.append(self) or real(self, group))
+    for i, x in enumerate(data):
+        for model, opt in ((model_t, opt_t), (model_r, opt_r)):
+            opt.zero_grad()
+            model(x).float().square().mean().backward()
+            if i in (3, 4):
+                model[2].weight.grad = None  # skips two steps
+            if i == 7:
+                opt.param_groups[0]["weight_decay"] = 0.05  # a per-step scalar: read at every launch
+            if i == 8:
+                model[4].weight.data = model[4].weight.data.clone()  # new storage for a weight
+            opt.step()
+    assert max_rel_diff(list(model_t.parameters()), list(model_r.parameters())) < 1e-5
+    steady = sum(1 for opt in layouts if opt is opt_t)
+    assert steady < 2 * len(data) - 4, steady  # some steps reused the layout of both groups
+
+
+def test_a_step_counted_outside_step_makes_the_reused_layout_stale():
+    """Steps counted by anything but step() (a CUDA graph replay advances the host counts, a direct
+    step_param) end the reuse of the last layout, so a refresh they make due is not skipped."""
+    model = make_model()
+    opt = GaLoreAdamW(groups(model, update_proj_gap=4), lr=1e-2, backend="triton")
+    data = batches(3)
+    train(model, opt, data[:2])  # refresh at step 0; the layout of step 1 is kept (next refresh: step 4)
+    w = opt.param_groups[0]["params"][0]
+    for _ in range(2):  # w's own count: 2 -> 4
+        opt.step_param(w, w.grad)
+    assert opt.refresh_due(w) and opt.state[w]["refresh_count"] == 1
+    train(model, opt, data[2:])
+    assert opt.state[w]["refresh_count"] == 2 and opt.state[w]["step"] == 5

@@ -151,6 +151,8 @@ def _ptx(kernel, signature: dict, constexprs: dict, divisible: tuple, num_warps=
     are keyed by the argument's position in the kernel's own parameter list (a constant stride
     between runtime ones shifts the positions of those after it)."""
     names = list(kernel.arg_names)
+    missing = [k for k in names if k not in signature and k not in constexprs]
+    assert not missing, f"no type or value for {missing}"  # a missing constexpr would silently be None
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible}
     full = {k: signature.get(k, "constexpr") for k in names}
     source = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
@@ -167,12 +169,9 @@ def _copy_widths(ptx: str) -> set:
 PROJECT_LAYOUTS = {"left": dict(stride_am=1, stride_bn=1), "right": dict(stride_ak=1, stride_bk=1)}
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("config, dtype", [(c, d) for c, d, p in gemm_variants() if p == "ieee"])
-def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
-    """Every projection and back-projection operand reaches shared memory in 16-byte cp.async copies
-    for bf16/fp16 and IEEE float32 (a 4-byte copy is a transposing copy, four times the instructions:
-    what TF32's wgmma, which takes K-major operands only, gets for G and N today; see RESULTS.md)."""
+def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bool) -> dict:
+    """{kernel name: sm_90 PTX} of both GEMM kernels for one side, configuration and operand dtype,
+    with the hints the JIT gives real launches."""
     cfg = DEVICE_CONFIGS[config]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     operand = utils.TORCH_TO_TL[dtype]
@@ -180,16 +179,25 @@ def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
     sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
            **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")
               if k not in layout}}
-    ptx = _ptx(project._lowrank_project_kernel, sig, dict(
-        A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION="ieee", INTERPRETER=False,
+    project_ptx = _ptx(project._lowrank_project_kernel, sig, dict(
+        A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=tma,
         RANK_ON_M=side == "left", **layout, **tiles), tuple(sig), cfg.num_warps, cfg.num_stages)
-    assert _copy_widths(ptx) == {16}, ("project", _copy_widths(ptx))
     sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
-    ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
-        A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION="ieee", STOCHASTIC=False,
-        INTERPRETER=False, TMA=False, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
-    assert _copy_widths(ptx) == {16}, ("back_apply", _copy_widths(ptx))
+    back_ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
+        A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION=precision, STOCHASTIC=False,
+        INTERPRETER=False, TMA=tma, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+    return {"project": project_ptx, "back_apply": back_ptx}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("config, dtype", [(c, d) for c, d, p in gemm_variants() if p == "ieee"])
+def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
+    """Every projection and back-projection operand reaches shared memory in 16-byte cp.async copies
+    for bf16/fp16 and IEEE float32 (a 4-byte copy is a transposing copy, four times the instructions:
+    what TF32's wgmma, which takes K-major operands only, gets for G and N today; see RESULTS.md)."""
+    for name, ptx in gemm_ptx(side, config, dtype, "ieee", tma=False).items():
+        assert _copy_widths(ptx) == {16}, (name, _copy_widths(ptx))
 
 
 def test_16bit_operands_reach_the_tensor_cores_without_conversion():
@@ -223,23 +231,8 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
 def test_tma_variants_load_every_operand_by_bulk_tensor_copies(side, config, dtype, precision):
     """With a configuration's tma flag (the sweep's candidates), both GEMMs build device-side
     descriptors and load every operand tile with cp.async.bulk.tensor (no per-thread copies left)."""
-    cfg = DEVICE_CONFIGS[config]
-    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    operand = utils.TORCH_TO_TL[dtype]
-    layout = PROJECT_LAYOUTS[side]
-    sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")
-              if k not in layout}}
-    ptx = _ptx(project._lowrank_project_kernel, sig, dict(
-        A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=True,
-        RANK_ON_M=side == "left", **layout, **tiles), tuple(sig), cfg.num_warps, cfg.num_stages)
-    assert "cp.async.bulk.tensor" in ptx and not _copy_widths(ptx), ("project", _copy_widths(ptx))
-    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
-    ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
-        A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION=precision, STOCHASTIC=False,
-        INTERPRETER=False, TMA=True, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
-    assert "cp.async.bulk.tensor" in ptx and not _copy_widths(ptx), ("back_apply", _copy_widths(ptx))
+    for name, ptx in gemm_ptx(side, config, dtype, precision, tma=True).items():
+        assert "cp.async.bulk.tensor" in ptx and not _copy_widths(ptx), (name, _copy_widths(ptx))
 
 
 def test_tma_needs_rows_of_16_byte_multiples_and_keeps_a_users_allocator():

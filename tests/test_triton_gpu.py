@@ -206,6 +206,25 @@ def test_cuda_graph_replay_equals_eager_steps():
 
 
 
+def assert_graph_replay_equals_eager(model_g, model_e, opt_g, opt_e, input_shape, dtype, steps=10):
+    """Ten steps of the same data: GraphedStep(opt_g) on model_g, plain steps of opt_e on model_e;
+    the graph replayed at least three of them and the weights are bitwise equal."""
+    from galore_kernels.graphs import GraphedStep
+
+    graphed = GraphedStep(opt_g)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn(*input_shape, device="cuda", generator=gen).to(dtype)
+        for model, stepper, opt in ((model_g, graphed, opt_g), (model_e, opt_e.step, opt_e)):
+            model(x).float().square().mean().backward()
+            stepper()
+            opt.zero_grad(set_to_none=False)
+    torch.cuda.synchronize()
+    assert graphed.replays >= 3
+    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
+        assert torch.equal(p_g, p_e)
+
+
 def same_shape_model(dtype, seed=0):
     """Four same-shape square layers (one batched refresh, views into one tensor, odd rank) and a
     LayerNorm, in ``dtype``: what bf16 training hands the bucket path."""
@@ -226,30 +245,15 @@ def same_shape_groups(model):
     (torch.bfloat16, {"state_dtype": "bfloat16", "stochastic_rounding": True}),
 ])
 def test_graph_replay_equals_eager_for_same_shape_layers(dtype, options):
-    from galore_kernels.graphs import GraphedStep
-
     model_g, model_e = same_shape_model(dtype), same_shape_model(dtype)
     opt_g = GaLoreAdamW(same_shape_groups(model_g), lr=1e-3, weight_decay=0.01, backend="triton", seed=1, **options)
     opt_e = GaLoreAdamW(same_shape_groups(model_e), lr=1e-3, weight_decay=0.01, backend="triton", seed=1, **options)
-    graphed = GraphedStep(opt_g)
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    for _ in range(10):
-        x = torch.randn(32, 250, device="cuda", generator=gen).to(dtype)
-        for model, stepper, opt in ((model_g, graphed, opt_g), (model_e, opt_e.step, opt_e)):
-            model(x).float().square().mean().backward()
-            stepper()
-            opt.zero_grad(set_to_none=False)
-    torch.cuda.synchronize()
-    assert graphed.replays >= 3
-    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
-        assert torch.equal(p_g, p_e)
+    assert_graph_replay_equals_eager(model_g, model_e, opt_g, opt_e, (32, 250), dtype)
 
 
 def test_graph_replay_with_tma_operand_loads_equals_eager(monkeypatch):
     """Device-side descriptors take their scratch from torch's allocator at each launch: under CUDA
     graph capture it comes from the graph's pool and the replays equal eager steps."""
-    from galore_kernels.graphs import GraphedStep
-
     monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", TMA_TILES[1])
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().bfloat16()  # noqa: E731
@@ -259,18 +263,7 @@ def test_graph_replay_with_tma_operand_loads_equals_eager(monkeypatch):
                         {"params": [p for p in m.parameters() if p.dim() != 2]}]
     opt_g = GaLoreAdamW(groups(model_g), lr=1e-3, backend="triton", seed=1, state_dtype="bfloat16")
     opt_e = GaLoreAdamW(groups(model_e), lr=1e-3, backend="triton", seed=1, state_dtype="bfloat16")
-    graphed = GraphedStep(opt_g)
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    for _ in range(10):
-        x = torch.randn(64, 256, device="cuda", generator=gen).bfloat16()
-        for model, stepper, opt in ((model_g, graphed, opt_g), (model_e, opt_e.step, opt_e)):
-            model(x).float().square().mean().backward()
-            stepper()
-            opt.zero_grad(set_to_none=False)
-    torch.cuda.synchronize()
-    assert graphed.replays >= 3
-    for p_g, p_e in zip(model_g.parameters(), model_e.parameters()):
-        assert torch.equal(p_g, p_e)
+    assert_graph_replay_equals_eager(model_g, model_e, opt_g, opt_e, (64, 256), torch.bfloat16)
 
 
 def test_a_shorter_refresh_gap_mid_run_is_not_skipped_by_replays():

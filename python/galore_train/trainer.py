@@ -107,6 +107,7 @@ class Trainer:
         self.metrics: Optional[MetricsLog] = None
         self.tensors_recorded = False  # optimizer state exists only after the first step
         self.stop_requested = False  # set by SIGTERM; the loop stops after the current step
+        self.stop_agreed = False  # some rank's stop_requested, as of the last window's all-reduce
 
     # ------------------------------------------------------------------------- set-up
     def setup(self, resume: Optional[str]) -> Optional[Path]:
@@ -197,11 +198,6 @@ class Trainer:
 
         return signal.signal(signal.SIGTERM, request_stop)
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop (every rank answers at every step: a collective)."""
-        (requests,) = distributed.all_sum([1.0 if self.stop_requested else 0.0], self.info, self.device)
-        return requests > 0
-
     def _stop(self, epoch_done: bool, saved: bool) -> None:
         if epoch_done:
             self._end_epoch()  # evaluation and checkpoint, as the loop would do next
@@ -248,7 +244,7 @@ class Trainer:
                     self._save()
                 if last:
                     break
-                if self._stop_agreed():
+                if self.stop_agreed:
                     self._stop(epoch_done, saved)
             if state.micro == plan.micro_batches_per_epoch:
                 self._end_epoch()
@@ -289,7 +285,9 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(token_loss.detach())
         self._optimizer_step(len(batches))
-        (total_loss,) = distributed.all_sum([loss_sum], self.info, self.device)
+        # Whether any rank was asked to stop rides on the window's loss sum (no collective of its own).
+        total_loss, stop_requests = distributed.all_sum([loss_sum, float(self.stop_requested)], self.info, self.device)
+        self.stop_agreed = stop_requests > 0
         return total_loss / window_targets, int(window_targets)
 
     def _micro_batch(self, order: list[int], index: int) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 from galore_kernels import GaLoreAdamW
 from test_triton_gpu import SHAPES, assert_graph_replay_equals_eager, run_bucket_cuda, to_cpu
 from triton_parity import (CONTROL_FACTOR, MOMENT_TOL, UPDATE_TOL, bucket_step64, bucket_step_torch, make_bucket,
-                           relative_error, update_error)
+                           record_tma_decisions, relative_error, update_error)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -29,12 +29,7 @@ TMA_TILES = ["64,128,64,4,3,1", "128,128,64,8,3,1", "128,256,64,8,3,1"]
 @pytest.mark.parametrize("tiles", TMA_TILES)
 @pytest.mark.parametrize("shape, rank", SHAPES[:3])
 def test_tma_operand_loads_match_float64(monkeypatch, tiles, shape, rank):
-    from galore_kernels.triton_ops import back_apply, project
-
-    decisions = []
-    for module in (project, back_apply):
-        real = module.tma_ready
-        monkeypatch.setattr(module, "tma_ready", lambda cfg, rows, real=real: decisions.append(real(cfg, rows)) or decisions[-1])
+    decisions = record_tma_decisions(monkeypatch)
     monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", tiles)
     side = "left" if shape[0] < shape[1] else "right"
     b = make_bucket(shape, rank, side, torch.bfloat16, batch=2, steps_before=7, seed=rank + 11, device="cuda")

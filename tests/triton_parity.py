@@ -144,3 +144,15 @@ def check_rounded_state(stored: Tensor, ref64: Tensor) -> None:
 UPDATE_TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 MOMENT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 CONTROL_FACTOR = 2.0
+
+
+def record_tma_decisions(monkeypatch) -> list:
+    """The list that will hold every utils.tma_ready answer the GEMM launchers get (True: the
+    launch loads its operands through TMA descriptors)."""
+    from galore_kernels.triton_ops import back_apply, project
+
+    decisions = []
+    for module in (project, back_apply):
+        real = module.tma_ready
+        monkeypatch.setattr(module, "tma_ready", lambda cfg, rows, real=real: decisions.append(real(cfg, rows)) or decisions[-1])
+    return decisions

@@ -108,7 +108,7 @@ def lowrank_project_triton(
     basis_dtype = bases[0].dtype  # float32, or the gradients' dtype (read without a conversion)
     a_dtype, b_dtype = (basis_dtype, dtype) if side == "left" else (dtype, basis_dtype)
     cfg = gemm_config(M, N, dtype, len(grads))
-    m, n = grads[0].shape
+    n = grads[0].shape[1]
     basis_row = rank if side == "left" else n  # P is m x r, Q is r x n
     tma = tma_ready(cfg, (n * grads[0].element_size(), basis_row * bases[0].element_size()))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), len(grads))

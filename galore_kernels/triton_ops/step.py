@@ -88,7 +88,7 @@ def galore_adamw_step_triton(
     lr: Tensor,  # (1,) float32
     *, side: str, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
     correct_bias: bool = True,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: zeros)
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: 0..B-1)
     stochastic_rounding: bool = False,  # bf16 weights rounded stochastically (bf16 moments always are)
 ) -> None:
     """project -> low-rank Adam -> back-project -> apply for a bucket; a matrix whose gradient
@@ -124,7 +124,7 @@ def dense_adamw_step_triton(
     steps: Tensor,  # (B,) int32; incremented
     lr: Tensor,  # (1,) float32
     *, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool = True,
-    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: zeros)
+    rounding_seeds: Optional[Tensor] = None,  # (B,) int64 seeds of the random bits (None: 0..B-1)
     stochastic_rounding: bool = False,  # bf16 weights rounded stochastically (bf16 moments always are)
 ) -> None:
     """AdamW with decay after the update (galore-torch's rule for parameters without a rank)."""

@@ -257,16 +257,21 @@ def test_quantized_mode_a_trains_float_params_only(tmp_path, prepared, capsys):
 
 
 # -------------------------------------------------------------------------------- distributed
+def torchrun(config_path, *extra) -> None:
+    """``galore_train`` on 2 CPU processes (gloo) under torch.distributed.run, on a free port."""
+    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), "-m", "galore_train", "--config", str(config_path),
+                           *extra])
+    assert done.returncode == 0, done.stderr
+
+
 def test_two_process_ddp_equals_one_process(tmp_path, prepared):
     """Global batch 8 as 2 ranks x 4 or 1 rank x 8; instruction records differ in target-token counts."""
     single = tiny_config(tmp_path / "single", prepared, training={"micro_batch_size": 8, "max_steps": 4, "epochs": 1})
     ddp = tiny_config(tmp_path / "ddp", prepared, training={"micro_batch_size": 4, "max_steps": 4, "epochs": 1})
     done = run_subprocess(["-m", "galore_train", "--config", str(write_config(tmp_path / "single.yaml", single))])
     assert done.returncode == 0, done.stderr
-    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(free_port()), "-m", "galore_train", "--config",
-                           str(write_config(tmp_path / "ddp.yaml", ddp))])
-    assert done.returncode == 0, done.stderr
+    torchrun(write_config(tmp_path / "ddp.yaml", ddp))
     a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=key)
@@ -277,12 +282,6 @@ def test_two_process_ddp_with_dropout_resumes_bitwise(tmp_path, prepared):
     """Each rank's RNG state is checkpointed and restored (dropout draws differ between ranks): 2 ranks
     with attention dropout, stopped by max_steps after 3 steps and resumed to 6, end bitwise where an
     uninterrupted 6-step run ends."""
-    def torchrun(config_path, *extra):
-        done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                               "--master_port", str(free_port()), "-m", "galore_train", "--config", str(config_path),
-                               *extra])
-        assert done.returncode == 0, done.stderr
-
     training = {"micro_batch_size": 4, "epochs": 1, "lr_scheduler": "constant", "warmup_steps": 0, "max_steps": 6}
     model = {"architecture": {**TINY_ARCH, "attention_dropout": 0.3}}
     torchrun(write_config(tmp_path / "straight.yaml", tiny_config(tmp_path / "straight", prepared, training=training,
@@ -300,10 +299,7 @@ def test_two_process_ddp_in_quantized_mode_a(tmp_path, prepared):
     (transformers writes nothing on ranks other than 0 once torch.distributed is up, unless told to)."""
     config = tiny_config(tmp_path / "ddp", prepared, quantization={"enabled": True, "load_in_8bit": True},
                          training={"micro_batch_size": 4, "max_steps": 2, "epochs": 1})
-    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(free_port()), "-m", "galore_train", "--config",
-                           str(write_config(tmp_path / "ddp.yaml", config))])
-    assert done.returncode == 0, done.stderr
+    torchrun(write_config(tmp_path / "ddp.yaml", config))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["mode"].startswith("A:") and summary["steps"] == 2
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bf16_ulp, bucket_step64, bucket_step_torch,
-                           check_rounded_state, make_bucket, relative_error, rounding_bias_ratio, step_size,
-                           update_error)
+                           check_rounded_state, make_bucket, record_tma_decisions, relative_error,
+                           rounding_bias_ratio, step_size, update_error)
 
 from galore_kernels.triton_ops.adam import dense_adamw_triton, lowrank_adam_triton
 from galore_kernels.triton_ops.nonfinite import nonfinite_flags_triton
@@ -296,12 +296,7 @@ TMA_CONFIG = "32,64,32,4,1,1"
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tma_operand_loads_match_float64(monkeypatch, shape, rank, takes_tma, side, dtype):
-    from galore_kernels.triton_ops import back_apply, project
-
-    decisions = []
-    for module in (project, back_apply):
-        real = module.tma_ready
-        monkeypatch.setattr(module, "tma_ready", lambda cfg, rows, real=real: decisions.append(real(cfg, rows)) or decisions[-1])
+    decisions = record_tma_decisions(monkeypatch)
     monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", TMA_CONFIG)
     seed = zlib.crc32(repr(("tma", shape, rank, side, dtype)).encode())
     b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=seed)

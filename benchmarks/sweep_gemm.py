@@ -1,16 +1,19 @@
 """Tile sweep of the step's two GEMM kernels, kernel by kernel (a tuning aid for the GPU sessions).
 
     python benchmarks/sweep_gemm.py                  # on a GPU: every case x every candidate tile
-    python benchmarks/sweep_gemm.py 64,128,64,4,3    # only the listed tiles (block_m,block_n,block_k,warps,stages[,tma])
+    python benchmarks/sweep_gemm.py 64,128,64,4,3    # only the listed tiles (block_m,block_n,block_k,warps,stages[,tma[,split_k]])
     TRITON_INTERPRET=1 python benchmarks/sweep_gemm.py   # a dry run of this script on the CPU (tiny shapes)
 
-For each case (the bf16 4096x4096 rank-512 target, and the 368M model's three bucket shapes at rank
-256) and each tile, the projection (``lowrank_project_triton``) and the back-projection
-(``back_apply_triton``) run through ``GALORE_KERNELS_GEMM_CONFIG``; each kernel is timed alone with
-CUDA events (median of ``SWEEP_ROUNDS``, after a warm-up that includes the compile), and the table
-gives ms per kernel and its ratio to the kernel's bytes floor at the measured copy bandwidth.
-A tile that fails to compile or launch is reported, not fatal. The winners go into
-``utils.GEMM_CONFIGS`` (and so into the ahead-of-time compile test).
+For each case (the bf16 4096x4096 rank-512 target, the rank-128 one whose projection splits its
+reduction, the 368M model's three bucket shapes at rank 256, TF32's worst case) and each tile, the
+projection with the Adam kernel after it (``project_partials_triton``, then ``lowrank_adam_triton``,
+which sums a split projection's partials: the split's whole cost) and the back-projection
+(``back_apply_triton``) run through their own settings (``utils.GEMM_CONFIG_ENVS``);
+each kernel is timed alone with CUDA events (median of ``SWEEP_ROUNDS``, after a warm-up that
+includes the compile), and the table gives ms per kernel and its ratio to the kernel's floor: its
+bytes at the measured copy bandwidth or its flops at the measured matmul rate, whichever is larger. Split-K candidates (seventh field) run for the projection only. A tile
+that fails to compile or launch is reported, not fatal. Each case ends with its fastest tile per
+kernel; the winners go into ``utils.GEMM_CONFIGS[kernel]`` (and so into the ahead-of-time compile test).
 """
 from __future__ import annotations
 
@@ -25,27 +28,48 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ceilings as C  # noqa: E402
+from galore_kernels.triton_ops.adam import lowrank_adam_triton  # noqa: E402
 from galore_kernels.triton_ops.back_apply import back_apply_triton  # noqa: E402
-from galore_kernels.triton_ops.project import lowrank_project_triton  # noqa: E402
-from galore_kernels.triton_ops.utils import GEMM_CONFIG_ENV, GEMM_CONFIGS, interpreting, stacked_scratch  # noqa: E402
+from galore_kernels.triton_ops.project import project_partials_triton  # noqa: E402
+from galore_kernels.triton_ops.utils import (GEMM_CONFIG_ENVS, INTERPRETER_GEMM_CONFIG, interpreting,  # noqa: E402
+                                             stacked_scratch)
 
 CUDA = torch.cuda.is_available() and not interpreting()
 DEV = torch.device("cuda" if CUDA else "cpu")
 ROUNDS = int(os.environ.get("SWEEP_ROUNDS", "20" if CUDA else "1"))
-# (batch, m, n, rank, dtype): the target case, then the 368M model's buckets (q/k/v/o, gate/up, down).
-CASES = ([(1, 4096, 4096, 512, torch.bfloat16), (96, 1024, 1024, 256, torch.bfloat16),
-          (48, 2736, 1024, 256, torch.bfloat16), (24, 1024, 2736, 256, torch.bfloat16)] if CUDA
-         else [(2, 48, 80, 16, torch.bfloat16)])
+# (batch, m, n, rank, dtype, float32 matmul precision): the bf16 target case, a rank-128 one whose
+# projection splits its reduction, the 368M model's buckets (q/k/v/o, gate/up, down), and TF32's worst
+# case (left side: its operands are not K-major, see "Read from the sm_90 PTX").
+CASES = ([(1, 4096, 4096, 512, torch.bfloat16, "highest"), (1, 4096, 4096, 128, torch.bfloat16, "highest"),
+          (96, 1024, 1024, 256, torch.bfloat16, "highest"), (48, 2736, 1024, 256, torch.bfloat16, "highest"),
+          (24, 1024, 2736, 256, torch.bfloat16, "highest"), (1, 4096, 11008, 512, torch.float32, "high")] if CUDA
+         else [(2, 48, 80, 16, torch.bfloat16, "highest")])
 # block_m,block_n,block_k,warps,stages[,tma]: pointer loads first, then the same tiles with TMA operand
 # loads (utils.tile_product_tma), which a tile that does not compile or fit reports as failed.
-CANDIDATES = ["64,128,64,4,3", "128,128,64,4,3", "128,128,64,8,3", "128,256,64,8,3", "64,256,64,4,3",
+CANDIDATES = {
+    "16bit": ["64,128,64,4,3", "128,128,64,4,3", "128,128,64,8,3", "128,256,64,8,3", "64,256,64,4,3",
               "128,64,64,4,3", "64,64,64,4,3", "64,128,64,4,4", "128,128,32,4,4", "256,128,64,8,3",
               "64,128,64,4,3,1", "128,128,64,8,3,1", "128,128,64,8,4,1", "128,256,64,8,3,1", "256,128,64,8,3,1",
-              "64,256,64,4,3,1"]
+              "64,256,64,4,3,1"],
+    "fp32": ["64,128,32,4,3", "64,64,32,4,3", "128,128,32,8,3", "128,64,32,4,3", "64,128,32,4,4",
+             "64,128,32,4,3,1", "128,128,32,8,3,1", "64,64,32,4,4,1"],
+}
+# The projection alone: its reduction split in a fixed number of parts (R is thin: few output tiles).
+PROJECT_CANDIDATES = {
+    "16bit": ["64,64,64,4,3,0,2", "64,128,64,4,3,0,2", "64,128,64,4,3,0,4", "128,128,64,8,3,0,2",
+              "128,128,64,8,3,0,4", "128,256,64,8,3,0,4"],
+    "fp32": ["64,128,32,4,3,0,2", "64,64,32,4,3,0,2"],
+}
+# The matmul ceiling of an operand dtype or float32 precision (ceilings.measure_ceilings).
+RATE = {torch.bfloat16: "bf16_TFLOPs", torch.float16: "bf16_TFLOPs", "high": "tf32_TFLOPs", "medium": "tf32_TFLOPs",
+        "highest": "ieee_TFLOPs"}
+# SWEEP_CASES=0,5 runs only those cases (indices into CASES), to fit a device call's time.
+SELECTED = os.environ.get("SWEEP_CASES")
 
 
 def bucket(batch: int, m: int, n: int, rank: int, dtype: torch.dtype):
-    """Weights, gradients, 16-bit bases and an N as the optimizer hands them to the kernels."""
+    """Weights, gradients, bases and an N as the optimizer hands them to the kernels (16-bit weights:
+    bases and N in their dtype)."""
     side = "left" if m <= n else "right"
     gen = torch.Generator(device=DEV).manual_seed(0)
     weights = [torch.randn(m, n, device=DEV, generator=gen).to(dtype) for _ in range(batch)]
@@ -65,41 +89,71 @@ def time_ms(fn) -> float:
     return statistics.median(C.time_one(lambda i: fn(), 0) for _ in range(ROUNDS))
 
 
-def sweep_case(case, tiles: list[str], bandwidth: float) -> None:
-    batch, m, n, rank, dtype = case
-    side, weights, grads, bases, normalized = bucket(*case)
+def sweep_case(case, tiles: list[str], project_tiles: list[str], ceilings: dict) -> None:
+    batch, m, n, rank, dtype, precision = case
+    torch.set_float32_matmul_precision(precision)  # what the kernels follow for float32 operands
+    side, weights, grads, bases, normalized = bucket(batch, m, n, rank, dtype)
     lr = torch.full((1,), 1e-6, device=DEV)
     flags = torch.zeros(batch, dtype=torch.int32, device=DEV)
     size = torch.empty((), dtype=dtype).element_size()
-    low_bytes = normalized[0].numel() * 4
-    floors = {"project": batch * (m * n * size + low_bytes) / bandwidth,  # G read, R written (float32)
-              "back_apply": batch * 2 * m * n * size / bandwidth}  # W read and written
-    kernels = {"project": lambda: lowrank_project_triton(grads, bases, side, rank),
+    low = normalized[0].numel()
+    bandwidth = ceilings["copy_GBps"] * 1e6  # bytes per ms
+    rate = ceilings[RATE[dtype if dtype != torch.float32 else precision]] * 1e9  # flops per ms
+    flops = batch * 2 * m * n * rank  # each GEMM
+    # project: G read, R written once and read once (split: its partials), M and V read and written, N written.
+    floors = {"project": max(batch * (m * n * size + low * (4 + 4 + 16 + size)) / bandwidth, flops / rate),
+              "back_apply": max(batch * 2 * m * n * size / bandwidth, flops / rate)}  # W read and written
+    moments = [torch.zeros_like(normalized[0], dtype=torch.float32) for _ in range(2 * batch)]
+    steps = torch.zeros(batch, dtype=torch.int32, device=DEV)
+
+    def project_and_adam():  # the Adam kernel sums a split projection's partials: its cost counts too
+        partials, nonfinite = project_partials_triton(grads, bases, side, rank)
+        lowrank_adam_triton(partials, moments[:batch], moments[batch:], steps, lr, nonfinite, beta1=0.9, beta2=0.999,
+                            eps=1e-8, scale=0.25, correct_bias=True, out=normalized, out_dtype=normalized.dtype)
+
+    kernels = {"project": project_and_adam,
                "back_apply": lambda: back_apply_triton(weights, normalized, bases, lr, flags, side=side, weight_decay=0.0)}
-    print(f"\n{batch} x {m}x{n} rank {rank} {str(dtype).split('.')[-1]} ({side}); bytes floor: "
+    name = str(dtype).split(".")[-1] + (f" ({precision})" if dtype == torch.float32 else "")
+    print(f"\n{batch} x {m}x{n} rank {rank} {name} ({side}); floor (bytes or flops): "
           + ", ".join(f"{k} {v:.4f} ms" for k, v in floors.items()))
-    print(f"  {'tile (bm,bn,bk,warps,stages,tma)':30s} {'project ms':>11s} {'x floor':>8s} {'back_apply ms':>14s} {'x floor':>8s}")
-    for tile in tiles:
-        os.environ[GEMM_CONFIG_ENV] = tile
+    print(f"  {'tile (bm,bn,bk,warps,stages,tma,split)':40s} {'proj+adam ms':>12s} {'x floor':>7s} {'back_apply ms':>14s} "
+          f"{'x floor':>8s}")
+    best = {}
+    for tile in tiles + [t for t in project_tiles if t not in tiles]:
         cells = []
         for name, fn in kernels.items():
+            if name != "project" and tile not in tiles:
+                cells.append(f"{'':11s} {'':8s}")  # a split-K candidate: the projection only
+                continue
+            os.environ[GEMM_CONFIG_ENVS[name]] = tile
             try:
                 ms = time_ms(fn)
                 cells.append(f"{ms:11.4f} {ms / floors[name]:8.2f}")
+                if ms < best.get(name, (float("inf"),))[0]:
+                    best[name] = (ms, tile)
             except Exception as err:  # noqa: BLE001 - a tile that does not fit is a result too
                 cells.append(f"{'failed':>11s} {type(err).__name__[:8]:>8s}")
-        print(f"  {tile:30s} {cells[0]} {cells[1]:>23s}")
-    os.environ.pop(GEMM_CONFIG_ENV, None)
+            finally:
+                os.environ.pop(GEMM_CONFIG_ENVS[name], None)
+        print(f"  {tile:40s} {cells[0]} {cells[1]:>23s}")
+    for name, (ms, tile) in best.items():
+        print(f"  fastest {name}: {tile} ({ms:.4f} ms, {ms / floors[name]:.2f}x its floor)")
 
 
 def main(argv: list[str]) -> None:
-    tiles = argv or (CANDIDATES if CUDA else [",".join(map(str, vars(GEMM_CONFIGS["interpreter"]).values()))])
-    bandwidth = C.measure_ceilings()["copy_GBps"] * 1e6 if CUDA else 1e7  # bytes per ms
+    interpreter_tile = ",".join(str(int(v)) for v in vars(INTERPRETER_GEMM_CONFIG).values())
+    ceilings = C.measure_ceilings()
     start = time.perf_counter()
-    print(f"{C.device_name()}: GEMM tile sweep, {ROUNDS} rounds per kernel and tile; copy bandwidth "
-          f"{bandwidth / 1e6:.0f} GB/s")
-    for case in CASES:
-        sweep_case(case, tiles, bandwidth)
+    print(f"{C.device_name()}: GEMM tile sweep, {ROUNDS} rounds per kernel and tile; copy "
+          f"{ceilings['copy_GBps']:.0f} GB/s, matmul TFLOP/s bf16 {ceilings['bf16_TFLOPs']}, TF32 "
+          f"{ceilings['tf32_TFLOPs']}, IEEE fp32 {ceilings['ieee_TFLOPs']}")
+    for index, case in enumerate(CASES):
+        if SELECTED and str(index) not in SELECTED.split(","):
+            continue
+        bits = "fp32" if case[4] == torch.float32 else "16bit"
+        tiles = argv or (CANDIDATES[bits] if CUDA else [interpreter_tile])
+        project_tiles = [] if argv else (PROJECT_CANDIDATES[bits] if CUDA else [interpreter_tile[:-1] + "2"])
+        sweep_case(case, tiles, project_tiles, ceilings)
     print(f"\nsweep took {time.perf_counter() - start:.1f} s")
 
 

@@ -19,10 +19,17 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from galore_kernels.triton_ops import adam, back_apply, nonfinite, project, utils  # noqa: E402
+from triton_parity import projection_launch  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-DEVICE_CONFIGS = {name: cfg for name, cfg in utils.GEMM_CONFIGS.items() if name != "interpreter"}
+DEVICE_CONFIGS = utils.GEMM_CONFIGS  # {kernel: {name: GemmConfig}}
 TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# The projection's integer arguments (split_stride and split_steps: utils.project_splits); its
+# finite_bound is a float32.
+PROJECT_INTS = ("out_batch_stride", "split_stride", "split_steps", "M", "N", "K", "stride_am", "stride_ak", "stride_bk",
+                "stride_bn")
 
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
@@ -33,37 +40,37 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, num_warps: int, nu
     return compiled
 
 
-def gemm_variants():
+def gemm_variants(kernel: str):
     """(config name, operand dtype, fp32 precision) as gemm_config/dot_precision can return them."""
-    for name, cfg in DEVICE_CONFIGS.items():
+    for name, cfg in DEVICE_CONFIGS[kernel].items():
         dtypes = [torch.float32] if name.endswith("fp32") else [torch.bfloat16, torch.float16]
         for dtype in dtypes:
             for precision in (sorted(set(utils.FP32_PRECISION.values())) if dtype == torch.float32 else ["ieee"]):
                 yield name, dtype, precision
 
 
-def basis_variants():
+def basis_variants(kernel: str):
     """GEMM variants times the basis dtype: float32 (any caller) or, for 16-bit parameters, their
     own dtype (what the optimizer passes)."""
-    for config, dtype, precision in gemm_variants():
+    for config, dtype, precision in gemm_variants(kernel):
         for basis in ([torch.float32] if dtype == torch.float32 else [torch.float32, dtype]):
             yield config, dtype, precision, basis
 
 
 def back_apply_variants():
     """basis_variants, plus stochastic rounding for bf16 weights."""
-    for config, dtype, precision, basis in basis_variants():
+    for config, dtype, precision, basis in basis_variants("back_apply"):
         for stochastic in ((False, True) if dtype == torch.bfloat16 else (False,)):
             yield config, dtype, precision, basis, stochastic
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("config, dtype, precision, basis", list(basis_variants()))
+@pytest.mark.parametrize("config, dtype, precision, basis", list(basis_variants("project")))
 def test_project_kernel_compiles(side, config, dtype, precision, basis):
-    cfg = DEVICE_CONFIGS[config]
+    cfg = DEVICE_CONFIGS["project"][config]
     a_dtype, b_dtype = (basis, dtype) if side == "left" else (dtype, basis)
     signature = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                 **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
+                 "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS}}
     compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], OPERAND=utils.TORCH_TO_TL[dtype],
         PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=side == "left", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -73,7 +80,7 @@ def test_project_kernel_compiles(side, config, dtype, precision, basis):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("config, dtype, precision, basis, stochastic", list(back_apply_variants()))
 def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stochastic):
-    cfg = DEVICE_CONFIGS[config]  # N is always in the parameters' dtype
+    cfg = DEVICE_CONFIGS["back_apply"][config]  # N is always in the parameters' dtype
     a_dtype, b_dtype = (basis, dtype) if side == "left" else (dtype, basis)
     signature = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
                  "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
@@ -87,19 +94,24 @@ def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stoch
 # gradient and weight in the parameters' dtype.
 # Stochastic rounding: dense bf16 weights only (low-rank N is never rounded stochastically). Dense
 # 16-bit weights also take a float32 gradient (layer-wise mode's accumulated one).
-ADAM_VARIANTS = [(dense, dtype, grad, bias, state, stochastic) for dense in (False, True) for dtype in utils.SUPPORTED_DTYPES
+# Low-rank R may arrive as partial products of a split projection (SPLITS > 1: one unrolled loop, so
+# 3 stands for every count).
+ADAM_VARIANTS = [(dense, dtype, grad, bias, state, stochastic, splits) for dense in (False, True)
+                 for dtype in utils.SUPPORTED_DTYPES
                  for grad in ({dtype, torch.float32} if dense else {torch.float32})
                  for bias in (True, False) for state in utils.STATE_DTYPES
-                 for stochastic in ((False, True) if dense and dtype == torch.bfloat16 else (False,))]
+                 for stochastic in ((False, True) if dense and dtype == torch.bfloat16 else (False,))
+                 for splits in ((1,) if dense else (1, 3))]
 
 
-@pytest.mark.parametrize("dense, dtype, grad_dtype, correct_bias, state_dtype, stochastic", ADAM_VARIANTS)
-def test_adam_kernel_compiles(dense, dtype, grad_dtype, correct_bias, state_dtype, stochastic):
+@pytest.mark.parametrize("dense, dtype, grad_dtype, correct_bias, state_dtype, stochastic, splits", ADAM_VARIANTS)
+def test_adam_kernel_compiles(dense, dtype, grad_dtype, correct_bias, state_dtype, stochastic, splits):
     signature = {"grad_table": "*i64", "exp_avg_table": "*i64", "exp_avg_sq_table": "*i64", "out_table": "*i64",
                  "steps_ptr": "*i32", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32", "seeds_ptr": "*i64", "numel": "i32",
+                 "split_stride": "i32",
                  **{k: "fp32" for k in ("beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay", "scale")}}
     compile_kernel(adam._adam_kernel, signature, dict(
-        GRAD_DTYPE=utils.TORCH_TO_TL[grad_dtype], STATE_DTYPE=utils.TORCH_TO_TL[state_dtype],
+        GRAD_DTYPE=utils.TORCH_TO_TL[grad_dtype], SPLITS=splits, STATE_DTYPE=utils.TORCH_TO_TL[state_dtype],
         OUT_DTYPE=utils.TORCH_TO_TL[dtype], DENSE=dense,
         CORRECT_BIAS=correct_bias, STOCHASTIC=stochastic, INTERPRETER=False, BLOCK=utils.ELEMENTWISE_BLOCK),
         utils.ELEMENTWISE_WARPS)
@@ -116,9 +128,9 @@ def test_nonfinite_kernel_compiles(dtype):
 def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
     """bf16 and TF32 projections issue Hopper's warpgroup MMA (wgmma); IEEE float32 must not touch
     the tensor cores (it would silently be TF32), so it is plain FMA."""
-    cfg = DEVICE_CONFIGS["wide_16bit" if operand != torch.float32 else "wide_fp32"]
+    cfg = DEVICE_CONFIGS["project"]["wide_16bit" if operand != torch.float32 else "wide_fp32"]
     signature = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                 **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}}
+                 "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS}}
     compiled = compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=tl.float32, B_DTYPE=utils.TORCH_TO_TL[operand], OPERAND=utils.TORCH_TO_TL[operand],
         PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -130,8 +142,8 @@ def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
 
 def test_launchers_pick_only_compiled_configs():
     shapes = [(m, n) for m, n in itertools.product([8, 64, 512, 1024, 4096, 11008], repeat=2)]
-    for (m, n), dtype, batch in itertools.product(shapes, utils.SUPPORTED_DTYPES, [1, 4, 96]):
-        assert utils.gemm_config(m, n, dtype, batch) in DEVICE_CONFIGS.values()
+    for kernel, (m, n), dtype, batch in itertools.product(utils.GEMM_KERNELS, shapes, utils.SUPPORTED_DTYPES, [1, 4, 96]):
+        assert utils.gemm_config(kernel, m, n, dtype, batch) in DEVICE_CONFIGS[kernel].values()
 
 
 @pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
@@ -171,17 +183,20 @@ PROJECT_LAYOUTS = {"left": dict(stride_am=1, stride_bn=1), "right": dict(stride_
 
 def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bool) -> dict:
     """{kernel name: sm_90 PTX} of both GEMM kernels for one side, configuration and operand dtype,
-    with the hints the JIT gives real launches."""
-    cfg = DEVICE_CONFIGS[config]
+    with the hints the JIT gives real launches (split_steps, any count of K steps, without one)."""
+    cfg = DEVICE_CONFIGS["project"][config]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     operand = utils.TORCH_TO_TL[dtype]
     layout = PROJECT_LAYOUTS[side]
     sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")
-              if k not in layout}}
+           "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS if k not in layout}}
     project_ptx = _ptx(project._lowrank_project_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=tma,
-        RANK_ON_M=side == "left", **layout, **tiles), tuple(sig), cfg.num_warps, cfg.num_stages)
+        RANK_ON_M=side == "left", **layout, **tiles), tuple(k for k in sig if k not in ("split_steps", "finite_bound")),
+        cfg.num_warps,
+        cfg.num_stages)
+    cfg = DEVICE_CONFIGS["back_apply"][config]
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     back_ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
@@ -191,7 +206,7 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("config, dtype", [(c, d) for c, d, p in gemm_variants() if p == "ieee"])
+@pytest.mark.parametrize("config, dtype", [(c, d) for c, d, p in gemm_variants("project") if p == "ieee"])
 def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
     """Every projection and back-projection operand reaches shared memory in 16-byte cp.async copies
     for bf16/fp16 and IEEE float32 (a 4-byte copy is a transposing copy, four times the instructions:
@@ -204,7 +219,7 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
     """With N and the basis stored in bf16 (what the optimizer passes for bf16 weights) the GEMMs
     load 16-byte vectors straight into shared memory and convert nothing but the weight in the
     epilogue; with float32 operands every tile would go through registers to be converted."""
-    cfg = DEVICE_CONFIGS["wide_16bit"]
+    cfg = DEVICE_CONFIGS["back_apply"]["wide_16bit"]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
@@ -217,17 +232,19 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
         assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx  # 16-byte asynchronous copies
         conversions[operand] = ptx.count("cvt.rn.bf16x2.f32")
     assert conversions[tl.bfloat16] < conversions[tl.float32] / 2, conversions
+    cfg = DEVICE_CONFIGS["project"]["wide_16bit"]
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           **{k: "i32" for k in ("out_batch_stride", "M", "N", "K", "stride_ak", "stride_bk")}}
+           "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS if k not in ("stride_am", "stride_bn")}}
     ptx = _ptx(project._lowrank_project_kernel, sig, dict(
         A_DTYPE=tl.bfloat16, B_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee", INTERPRETER=False,
         TMA=False, RANK_ON_M=True, stride_am=1, stride_bn=1, **tiles),
-        ("a_table", "b_table", "out_ptr", "nonfinite_ptr", "out_batch_stride", "M", "N", "K", "stride_ak", "stride_bk"))
+        tuple(k for k in sig if k not in ("split_steps", "finite_bound")))
     assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx and "cvt.rn.bf16x2.f32" not in ptx
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("config, dtype, precision", list(gemm_variants()))
+@pytest.mark.parametrize("config, dtype, precision", list(gemm_variants("project")))
 def test_tma_variants_load_every_operand_by_bulk_tensor_copies(side, config, dtype, precision):
     """With a configuration's tma flag (the sweep's candidates), both GEMMs build device-side
     descriptors and load every operand tile with cp.async.bulk.tensor (no per-thread copies left)."""
@@ -254,11 +271,59 @@ def test_tma_needs_rows_of_16_byte_multiples_and_keeps_a_users_allocator():
         _allocation._allocator.set(previous)
 
 
-def test_gemm_config_override_takes_an_optional_tma_flag(monkeypatch):
+def test_gemm_config_overrides_take_optional_tma_and_split_fields(monkeypatch):
     monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64,8,3,1")
-    assert utils.gemm_config(4096, 4096, torch.bfloat16) == utils.GemmConfig(128, 128, 64, 8, 3, tma=True)
+    for kernel in utils.GEMM_KERNELS:
+        assert utils.gemm_config(kernel, 4096, 4096, torch.bfloat16) == utils.GemmConfig(128, 128, 64, 8, 3, tma=True)
     monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64,8,3")
-    assert utils.gemm_config(4096, 4096, torch.bfloat16).tma is False
+    assert utils.gemm_config("project", 4096, 4096, torch.bfloat16).tma is False
+    # A kernel's own setting wins over the shared one, for that kernel only.
+    monkeypatch.setenv(utils.GEMM_CONFIG_ENVS["project"], "64,256,64,4,4,0,3")
+    assert utils.gemm_config("project", 512, 4096, torch.bfloat16) == utils.GemmConfig(64, 256, 64, 4, 4, False, 3)
+    assert utils.gemm_config("back_apply", 4096, 4096, torch.bfloat16) == utils.GemmConfig(128, 128, 64, 8, 3)
     monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64")
-    with pytest.raises(ValueError, match="five or six integers"):
-        utils.gemm_config(4096, 4096, torch.bfloat16)
+    with pytest.raises(ValueError, match="five to seven integers"):
+        utils.gemm_config("back_apply", 4096, 4096, torch.bfloat16)
+    monkeypatch.setenv(utils.GEMM_CONFIG_ENV, "128,128,64,8,3,0,2")
+    with pytest.raises(ValueError, match="split_k applies to the projection only"):
+        utils.gemm_config("back_apply", 4096, 4096, torch.bfloat16)
+    for bad in ("64,0,64,4,4", f"64,64,64,4,4,0,{utils.MAX_SPLITS + 1}", "64,64,64,4,4,0,-1"):
+        monkeypatch.setenv(utils.GEMM_CONFIG_ENVS["project"], bad)
+        with pytest.raises(ValueError, match=utils.GEMM_CONFIG_ENVS["project"]):
+            utils.gemm_config("project", 512, 4096, torch.bfloat16)
+
+
+@pytest.mark.parametrize("m, n, rank, side, batch", [
+    (4096, 4096, 128, "left", 1), (4096, 4096, 64, "left", 1), (11008, 4096, 128, "right", 1),
+    (4096, 4096, 512, "left", 1), (1024, 1024, 256, "left", 96), (2736, 1024, 256, "right", 48),
+    (1024, 2736, 256, "left", 24), (256, 256, 8, "left", 1), (33, 65, 8, "right", 2)])
+def test_projection_splits_its_reduction_only_while_sms_would_idle(m, n, rank, side, batch):
+    programs, steps, per_split, splits = projection_launch(m, n, rank, side, batch=batch)
+    assert 1 <= splits <= utils.MAX_SPLITS
+    assert (splits - 1) * per_split < steps <= splits * per_split  # every split has work, all of K is covered
+    if splits > 1:
+        assert per_split >= utils.MIN_SPLIT_STEPS
+    # It stops doubling at enough programs, at MAX_SPLITS, or where a further doubling would leave
+    # a split fewer than MIN_SPLIT_STEPS steps.
+    doubled = 1 << (splits - 1).bit_length()  # the count before "no split left empty" trimmed it
+    assert (programs * doubled >= utils.MIN_PROGRAMS or doubled == utils.MAX_SPLITS
+            or steps < 2 * doubled * utils.MIN_SPLIT_STEPS), (programs, steps, splits)
+    if programs >= utils.MIN_PROGRAMS:
+        assert splits == 1  # enough tiles already: one pass, R stored directly
+
+
+def test_thin_single_matrix_projections_fill_the_gpu():
+    """The anchor's rank-128 4096x4096 weight has 128 output tiles alone: split, it fills 132 SMs; the
+    368M model's batched buckets have thousands and stay in one pass."""
+    for m, n, rank, side in [(4096, 4096, 128, "left"), (4096, 4096, 128, "right"), (2048, 8192, 64, "left")]:
+        programs, _, _, splits = projection_launch(m, n, rank, side)
+        assert programs < utils.MIN_PROGRAMS <= programs * splits, (m, n, programs, splits)
+    assert projection_launch(1024, 1024, 256, "left", batch=96)[3] == 1
+
+
+def test_fixed_split_counts_never_leave_a_split_empty():
+    cfg = utils.GemmConfig(32, 64, 32, 4, 1, split_k=3)
+    assert utils.project_splits(cfg, 1, 160) == (2, 3)  # 5 steps: 2 + 2 + 1
+    assert utils.project_splits(cfg, 1, 97) == (2, 2)  # 4 steps: 2 + 2, not 2 + 2 + 0
+    assert utils.project_splits(utils.GemmConfig(32, 64, 32, 4, 1, split_k=8), 1, 70) == (1, 3)
+    assert utils.project_splits(utils.GemmConfig(32, 64, 32, 4, 1, split_k=1), 1, 4096) == (128, 1)

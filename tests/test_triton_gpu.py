@@ -12,7 +12,8 @@ from torch import nn
 
 from galore_kernels import GaLoreAdamW
 from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bf16_ulp, bucket_step64, bucket_step_torch,
-                           check_rounded_state, make_bucket, relative_error, rounding_bias_ratio, update_error)
+                           check_rounded_state, make_bucket, projection_launch, relative_error, rounding_bias_ratio,
+                           update_error)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -75,6 +76,27 @@ def test_float32_bucket_step_follows_matmul_precision(shape, rank, float32_preci
         assert max(errs) <= 1e-5 and max(m_errs) <= 1e-5, (errs, m_errs)
     else:  # TF32: clearly worse than IEEE, clearly better than nothing
         assert max(errs) <= TF32_TOL and 1e-6 < max(m_errs) <= TF32_TOL, (errs, m_errs)
+
+
+# Thin single matrices: fewer projection tiles than SMs, so the reduction is split and R reaches the
+# Adam kernel as partial products (utils.project_splits).
+SPLIT_SHAPES = [((4096, 4096), 128, "right"), ((2048, 8192), 64, "left")]
+
+
+@pytest.mark.parametrize("shape, rank, side", SPLIT_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_projection_step_matches_float64(shape, rank, side, dtype):
+    assert projection_launch(*shape, rank, side, dtype)[3] > 1
+    b = make_bucket(shape, rank, side, dtype, batch=1, steps_before=4, seed=rank, device="cuda")
+    old = to_cpu(b)
+    expected_w, expected_m, expected_v = bucket_step64(old, 0.1, 0.1)
+    control = bucket_step_torch(make_bucket(shape, rank, side, dtype, 1, 4, rank, "cuda"), 0.1, 0.1)
+    run_bucket_cuda(b, 0.1, 0.1)  # float32: torch's default "highest", IEEE dots
+    err = update_error(b.params[0].cpu(), old.params[0], expected_w[0])
+    control_err = update_error(control[0].cpu(), old.params[0], expected_w[0])
+    assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[dtype], (err, control_err)
+    assert relative_error(b.exp_avgs[0].cpu(), expected_m[0]) <= MOMENT_TOL[dtype]
+    assert relative_error(b.exp_avg_sqs[0].cpu(), expected_v[0]) <= MOMENT_TOL[dtype]
 
 
 @pytest.mark.parametrize("shape, rank", SHAPES[:2])

@@ -156,3 +156,14 @@ def record_tma_decisions(monkeypatch) -> list:
         real = module.tma_ready
         monkeypatch.setattr(module, "tma_ready", lambda cfg, rows, real=real: decisions.append(real(cfg, rows)) or decisions[-1])
     return decisions
+
+
+def projection_launch(m: int, n: int, rank: int, side: str, dtype=torch.bfloat16, batch: int = 1) -> tuple:
+    """(output tiles x batch, K steps, K steps per split, splits) of the projection launch that
+    steps a bucket of ``batch`` (m, n) weights: what project_partials_triton decides."""
+    from galore_kernels.triton_ops import project, utils
+
+    (M, N, K), _, _ = project.project_operands(side, (m, n), rank)
+    cfg = utils.gemm_config("project", M, N, dtype, batch)
+    programs = utils.cdiv(M, cfg.block_m) * utils.cdiv(N, cfg.block_n) * batch
+    return (programs, utils.cdiv(K, cfg.block_k), *utils.project_splits(cfg, programs, K))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
+from .utils import (ALIGNMENT, ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
                     load_pointer, pointer_table, random_seeds, round_weight, rounding_key, stacked_scratch,
                     stacked_table, stochastic_bf16, to_dtype)
 
@@ -36,7 +36,7 @@ def _one_minus_pow(t, log_beta):
 
 @triton.jit
 def _adam_kernel(
-    grad_table,  # (B,) int64: projected gradient R (float32) or, dense, the gradient
+    grad_table,  # (B,) int64: projected gradient R (float32; its first partial when split) or, dense, the gradient
     exp_avg_table,  # (B,) int64: M (STATE_DTYPE), updated in place
     exp_avg_sq_table,  # (B,) int64: V (STATE_DTYPE), updated in place
     out_table,  # (B,) int64: N (float32) for low-rank, the weight (in place) for dense
@@ -45,6 +45,7 @@ def _adam_kernel(
     nonfinite_ptr,  # (B,) int32: nonzero = skip this matrix
     seeds_ptr,  # (B,) int64: random seeds (read for bf16 moments, and for STOCHASTIC weights)
     numel,
+    split_stride,  # elements between the partials of R (SPLITS > 1)
     beta1,
     beta2,
     log_beta1,  # log(beta1), from the host in float64 (-inf for beta1 = 0)
@@ -53,6 +54,7 @@ def _adam_kernel(
     weight_decay,
     scale,
     GRAD_DTYPE: tl.constexpr,
+    SPLITS: tl.constexpr,  # R arrives as this many partial products, summed here in order (project.py)
     STATE_DTYPE: tl.constexpr,  # the moments: float32, or bf16 (read in float32, stored rounded stochastically)
     OUT_DTYPE: tl.constexpr,
     DENSE: tl.constexpr,
@@ -76,6 +78,8 @@ def _adam_kernel(
     v_ptr = load_pointer(exp_avg_sq_table, batch, STATE_DTYPE)
     out_ptr = load_pointer(out_table, batch, OUT_DTYPE)
     g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    for split in tl.static_range(1, SPLITS):  # the reduction the projection split, before the non-linear update
+        g += tl.load(grad_ptr + split * split_stride + offs, mask=inside, other=0.0)
     m = tl.load(m_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     m = beta1 * m + (1.0 - beta1) * g
@@ -108,7 +112,7 @@ def _log(beta: float) -> float:
 
 def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, numel, grad_dtype,
             out_dtype, dense, beta1, beta2, eps, weight_decay, scale, correct_bias, rounding_seeds=None,
-            stochastic=False) -> None:
+            stochastic=False, splits=1, split_stride=0) -> None:
     device = exp_avgs[0].device
     block = elementwise_block()
     grid = (triton.cdiv(numel, block), len(exp_avgs))
@@ -116,32 +120,39 @@ def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, 
         rounding_seeds = random_seeds(rounding_seeds, len(exp_avgs), device)
     _adam_kernel[grid](
         grad_table, pointer_table(exp_avgs, device), pointer_table(exp_avg_sqs, device), out_table,
-        steps, lr, nonfinite, nonfinite if rounding_seeds is None else rounding_seeds, numel, beta1, beta2, _log(beta1),
+        steps, lr, nonfinite, nonfinite if rounding_seeds is None else rounding_seeds, numel, split_stride, beta1, beta2, _log(beta1),
         _log(beta2), eps, weight_decay, scale,
-        GRAD_DTYPE=TORCH_TO_TL[grad_dtype], STATE_DTYPE=TORCH_TO_TL[exp_avgs[0].dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
+        GRAD_DTYPE=TORCH_TO_TL[grad_dtype], SPLITS=splits, STATE_DTYPE=TORCH_TO_TL[exp_avgs[0].dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
         CORRECT_BIAS=correct_bias, STOCHASTIC=bool(stochastic), INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
     )
 
 
 def lowrank_adam_triton(
-    lowrank: Tensor,  # (B, a, b) float32: R of every matrix in the bucket
+    lowrank: Tensor,  # (B, a, b) float32: R of every matrix in the bucket; or (B, S, a, b): its partials
     exp_avgs: Sequence[Tensor],  # B x (a, b) float32 or bf16 (STATE_DTYPES), updated in place
     exp_avg_sqs: Sequence[Tensor],  # B x (a, b), like exp_avgs
     steps: Tensor,  # (B,) int32, steps before this one
     lr: Tensor,  # (1,) float32
     nonfinite: Tensor,  # (B,) int32
     *, beta1: float, beta2: float, eps: float, scale: float, correct_bias: bool,
-    out: Optional[Tensor] = None,  # like lowrank (utils.stacked_scratch) in out_dtype; allocated if None
+    out: Optional[Tensor] = None,  # (B, a, b) (utils.stacked_scratch) in out_dtype; allocated if None
     out_dtype: torch.dtype = torch.float32,  # the back-projection's operand dtype
     rounding_seeds: Optional[Tensor] = None,  # (B,) int64: random bits of bf16 moments (None: 0..B-1)
 ) -> Tensor:  # N: (B, a, b) out_dtype, already multiplied by the step size and scale
-    check_stacked("lowrank", lowrank, tuple(lowrank.shape))
+    partials = lowrank if lowrank.dim() == 4 else lowrank.unsqueeze(1)  # (B, S, a, b)
+    batch, splits, rows, cols = partials.shape
+    first = partials[:, 0]
+    check_stacked("lowrank", first, (batch, rows, cols))
+    if splits > 1 and (partials.stride(1) * 4) % ALIGNMENT:
+        raise ValueError(f"the partials of R must lie 16-byte multiples apart (utils.partials_scratch), got "
+                         f"strides {partials.stride()}.")
     if out is not None:
-        check_stacked("out", out, tuple(lowrank.shape), out_dtype)
-    normalized = stacked_scratch(*lowrank.shape, lowrank.device, out_dtype) if out is None else out
-    _launch(stacked_table(lowrank), exp_avgs, exp_avg_sqs, stacked_table(normalized), steps, lr,
-            nonfinite, lowrank[0].numel(), torch.float32, out_dtype, False, beta1, beta2, eps,
-            0.0, scale, correct_bias, rounding_seeds)
+        check_stacked("out", out, (batch, rows, cols), out_dtype)
+    normalized = stacked_scratch(batch, rows, cols, lowrank.device, out_dtype) if out is None else out
+    _launch(stacked_table(first), exp_avgs, exp_avg_sqs, stacked_table(normalized), steps, lr,
+            nonfinite, rows * cols, torch.float32, out_dtype, False, beta1, beta2, eps,
+            0.0, scale, correct_bias, rounding_seeds, splits=splits,
+            split_stride=partials.stride(1) if splits > 1 else 0)
     return normalized
 
 

@@ -60,10 +60,10 @@ def _back_apply_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if TMA:
-        acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, K, N, OPERAND, PRECISION,
+        acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, 0, K, K, N, OPERAND, PRECISION,
                                INTERPRETER, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
+        acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, 0, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
                            BLOCK_M, BLOCK_N, BLOCK_K)
 
     finite = tl.load(nonfinite_ptr + batch) == 0
@@ -95,7 +95,7 @@ def back_apply_triton(
     basis_table, n_table = pointer_table(bases, device), stacked_table(normalized)
     a_table, b_table = (basis_table, n_table) if side == "left" else (n_table, basis_table)
     a_dtype, b_dtype = (bases[0].dtype, normalized.dtype) if side == "left" else (normalized.dtype, bases[0].dtype)
-    cfg = gemm_config(m, n, dtype, len(params))
+    cfg = gemm_config("back_apply", m, n, dtype, len(params))
     # A is M x K and B is K x N, row-major: rows of K (= rank) and of N elements.
     tma = tma_ready(cfg, (rank * torch.finfo(a_dtype).bits // 8, n * torch.finfo(b_dtype).bits // 8))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))

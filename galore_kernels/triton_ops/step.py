@@ -24,7 +24,7 @@ from ..reference import step as reference_step
 from .adam import dense_adamw_triton, lowrank_adam_triton
 from .back_apply import back_apply_triton
 from .nonfinite import nonfinite_flags_triton
-from .project import lowrank_project_triton
+from .project import lowrank_project_triton, project_partials_triton
 from .utils import STATE_DTYPES, SUPPORTED_DTYPES, aligned, check_bucket, stacked_scratch
 
 
@@ -105,10 +105,10 @@ def _galore_step_launches(params, grads, exp_avgs, exp_avg_sqs, bases, steps, lr
                           weight_decay, scale, correct_bias, skipped=None, rounding_seeds=None,
                           stochastic_rounding=False) -> None:
     rank = bases[0].shape[1] if side == "left" else bases[0].shape[0]
-    lowrank, nonfinite = lowrank_project_triton(grads, bases, side, rank)
+    partials, nonfinite = project_partials_triton(grads, bases, side, rank)  # R, or its split-K partials
     if skipped is not None:
         skipped.add_(nonfinite)
-    normalized = lowrank_adam_triton(lowrank, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
+    normalized = lowrank_adam_triton(partials, exp_avgs, exp_avg_sqs, steps, lr, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=params[0].dtype, rounding_seeds=rounding_seeds)
     back_apply_triton(params, normalized, bases, lr, nonfinite, side=side, weight_decay=weight_decay,

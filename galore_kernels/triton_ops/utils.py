@@ -120,14 +120,15 @@ def dot_operand(x, DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+def tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn,
                  OPERAND: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One output tile of A @ B (A: M x K, B: K x N, any strides) over the whole reduction, the
-    operands rounded to OPERAND, float32 accumulation: (BLOCK_M, BLOCK_N) float32, zero outside."""
+    """One output tile of A @ B (A: M x K, B: K x N, any strides) over the reduction steps
+    ``k_start:k_end`` (a split of it, or all of it: 0, K; k_start a multiple of BLOCK_K), the operands
+    rounded to OPERAND, float32 accumulation: (BLOCK_M, BLOCK_N) float32, zero outside."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
@@ -139,7 +140,7 @@ def tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, st
 
 
 @triton.jit
-def tile_product_tma(a_ptr, b_ptr, off_m, off_n, M, N, K, lda, ldb,
+def tile_product_tma(a_ptr, b_ptr, off_m, off_n, M, N, K, k_start, k_end, lda, ldb,
                      OPERAND: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                      A_K_MAJOR: tl.constexpr, B_N_MAJOR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -158,7 +159,7 @@ def tile_product_tma(a_ptr, b_ptr, off_m, off_n, M, N, K, lda, ldb,
     else:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[ldb, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if A_K_MAJOR:
             a = a_desc.load([off_m, k0])
         else:
@@ -206,53 +207,102 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # operands through TMA descriptors where their layout allows (tile_product_tma)
+    split_k: int = 0  # projection only: reduction splits; 0 = chosen by project_splits from the shape
 
 
-# The configurations the GEMM launchers can pick (the ahead-of-time compile test builds each one).
+# The configurations each GEMM kernel can pick (the ahead-of-time compile test builds each one).
 # Thin outputs (one side is the rank) favour a tall tile on the long side; 16-bit operands take a
-# deeper K step. The interpreter gets small tiles: it runs every element in NumPy.
+# deeper K step. The two kernels differ in shape (the projection reduces over a whole side of G into
+# a thin R; the back-projection reduces over the rank into all of W), so each has its own table,
+# tuned on its own by benchmarks/sweep_gemm.py.
+GEMM_KERNELS = ("project", "back_apply")
 GEMM_CONFIGS = {
-    "wide_16bit": GemmConfig(64, 128, 64, 4, 3),
-    "wide_fp32": GemmConfig(64, 128, 32, 4, 3),
-    "square_16bit": GemmConfig(64, 64, 64, 4, 3),
-    "square_fp32": GemmConfig(64, 64, 32, 4, 3),
-    "interpreter": GemmConfig(32, 64, 32, 4, 1),
+    kernel: {
+        "wide_16bit": GemmConfig(64, 128, 64, 4, 3),
+        "wide_fp32": GemmConfig(64, 128, 32, 4, 3),
+        "square_16bit": GemmConfig(64, 64, 64, 4, 3),
+        "square_fp32": GemmConfig(64, 64, 32, 4, 3),
+    }
+    for kernel in GEMM_KERNELS
 }
+# The interpreter gets small tiles: it runs every element in NumPy.
+INTERPRETER_GEMM_CONFIG = GemmConfig(32, 64, 32, 4, 1)
 ELEMENTWISE_BLOCK = 1024
 ELEMENTWISE_WARPS = 4
 INTERPRETER_ELEMENTWISE_BLOCK = 256
 
 
-# Tuning knob for GPU sessions (benchmarks sweep it): "block_m,block_n,block_k,num_warps,num_stages[,tma]"
-# replaces every GEMM configuration (also under the interpreter, where the parity tests use it for the
-# TMA path). Not for production use: only GEMM_CONFIGS are compile-tested.
+# Tuning knobs for GPU sessions (benchmarks sweep them), each
+# "block_m,block_n,block_k,num_warps,num_stages[,tma[,split_k]]": the first replaces every GEMM
+# configuration, the kernel's own (GEMM_CONFIG_ENVS) wins over it for that kernel. Also honoured under
+# the interpreter, where the parity tests use them for the TMA and split-K paths. Not for production
+# use: only GEMM_CONFIGS are compile-tested.
 GEMM_CONFIG_ENV = "GALORE_KERNELS_GEMM_CONFIG"
+GEMM_CONFIG_ENVS = {"project": "GALORE_KERNELS_PROJECT_CONFIG", "back_apply": "GALORE_KERNELS_BACK_APPLY_CONFIG"}
 
 
-# Below this many programs a launch leaves streaming multiprocessors idle (an H100 has 132): the
-# launchers then take the smaller square tile.
+# Below this many programs a launch has at most one program per streaming multiprocessor (an H100
+# or H200 has 132), too little work in flight to hide memory latency: the launchers then take the
+# smaller square tile, and the projection splits its reduction. A constant, not the device's count,
+# so that a step computes the same bits on any card (resume elsewhere).
 MIN_PROGRAMS = 132
+# Split-K of the projection: at most this many splits, each of at least this many K steps (a
+# pipelined main loop much longer than its prologue).
+MAX_SPLITS = 8
+MIN_SPLIT_STEPS = 8
 
 
-def gemm_config(out_rows: int, out_cols: int, operand_dtype: torch.dtype, batch: int = 1) -> GemmConfig:
-    """Tile shape for ``batch`` (out_rows x out_cols) outputs with a long reduction or K = rank."""
-    override = os.environ.get(GEMM_CONFIG_ENV)
-    if override:
-        values = override.split(",")
-        try:
-            if len(values) not in (5, 6):
-                raise ValueError(len(values))
-            return GemmConfig(*(int(v) for v in values[:5]), *(bool(int(v)) for v in values[5:]))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{GEMM_CONFIG_ENV}={override!r} must be five or six integers: "
-                             "block_m,block_n,block_k,num_warps,num_stages[,tma (0 or 1)]") from err
+def _parse_gemm_config(name: str, value: str, kernel: str) -> GemmConfig:
+    values = value.split(",")
+    try:
+        if len(values) not in (5, 6, 7):
+            raise ValueError(len(values))
+        numbers = [int(v) for v in values]
+        cfg = GemmConfig(*numbers[:5], *(bool(v) for v in numbers[5:6]), *numbers[6:7])
+        if min(numbers[:5]) < 1 or not 0 <= cfg.split_k <= MAX_SPLITS:
+            raise ValueError(numbers)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}={value!r} must be five to seven integers: "
+                         "block_m,block_n,block_k,num_warps,num_stages[,tma (0 or 1)[,split_k (0 = auto, at most "
+                         f"{MAX_SPLITS})]], all but split_k positive") from err
+    if cfg.split_k > 1 and kernel != "project":
+        raise ValueError(f"{name}={value!r}: split_k applies to the projection only (the {kernel} kernel's "
+                         "epilogue needs the whole reduction); give 0 or leave the field out.")
+    return cfg
+
+
+def gemm_config(kernel: str, out_rows: int, out_cols: int, operand_dtype: torch.dtype, batch: int = 1) -> GemmConfig:
+    """Tile shape of ``kernel`` ("project" or "back_apply") for ``batch`` (out_rows x out_cols)
+    outputs with a long reduction or K = rank."""
+    for name in (GEMM_CONFIG_ENVS[kernel], GEMM_CONFIG_ENV):
+        override = os.environ.get(name)
+        if override:
+            return _parse_gemm_config(name, override, kernel)
     if interpreting():
-        return GEMM_CONFIGS["interpreter"]
+        return INTERPRETER_GEMM_CONFIG
+    table = GEMM_CONFIGS[kernel]
     bits = "16bit" if operand_dtype != torch.float32 else "fp32"
-    wide = GEMM_CONFIGS[f"wide_{bits}"]
+    wide = table[f"wide_{bits}"]
     programs = cdiv(out_rows, wide.block_m) * cdiv(out_cols, wide.block_n) * batch
     large = max(out_rows, out_cols) >= 1024 and min(out_rows, out_cols) >= 64 and programs >= MIN_PROGRAMS
-    return wide if large else GEMM_CONFIGS[f"square_{bits}"]
+    return wide if large else table[f"square_{bits}"]
+
+
+def project_splits(cfg: GemmConfig, programs: int, reduction: int) -> tuple[int, int]:
+    """(K steps per split, splits) of a projection launch of ``programs`` output tiles (times the
+    batch) over a reduction of ``reduction``: split only while there are fewer programs than SMs, each
+    split keeping at least MIN_SPLIT_STEPS steps, unless the configuration fixes the count. The
+    partial products are summed in split order by the Adam kernel (deterministic: no atomics), so the
+    count depends on the shape and the bucket's size alone, and a step gives the same bits on any card."""
+    steps = max(1, cdiv(reduction, cfg.block_k))
+    splits = cfg.split_k
+    if not splits:
+        splits = 1
+        while (programs * splits < MIN_PROGRAMS and splits < MAX_SPLITS
+               and steps >= 2 * splits * MIN_SPLIT_STEPS):
+            splits *= 2
+    per_split = cdiv(steps, min(splits, steps))
+    return per_split, cdiv(steps, per_split)  # no split left empty
 
 
 def elementwise_block() -> int:
@@ -334,6 +384,15 @@ def stacked_scratch(batch: int, rows: int, cols: int, device: torch.device,
     per, granule = rows * cols, ALIGNMENT // _element_size(dtype)
     padded = -(-per // granule) * granule
     return torch.empty((batch, padded), dtype=dtype, device=device)[:, :per].view(batch, rows, cols)
+
+
+def partials_scratch(batch: int, splits: int, rows: int, cols: int, device: torch.device) -> Tensor:  # (B, S, rows, cols)
+    """float32 scratch for the partial products of a split reduction: each (b, s) slice contiguous and
+    64-byte aligned, the split stride a multiple of 16 elements (which Triton's launch specialises as
+    16-divisible, so the summing kernel keeps its vector loads)."""
+    per = -(-rows * cols // 16) * 16
+    return torch.empty((batch, splits, per), dtype=torch.float32, device=device).as_strided(
+        (batch, splits, rows, cols), (splits * per, per, cols, 1))
 
 
 def check_stacked(name: str, t: Tensor, shape: tuple, dtype: torch.dtype = torch.float32) -> None:

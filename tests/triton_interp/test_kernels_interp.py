@@ -9,9 +9,11 @@ from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bf16_ulp,
                            check_rounded_state, make_bucket, record_tma_decisions, relative_error,
                            rounding_bias_ratio, step_size, update_error)
 
+from galore_kernels.triton_ops import project as project_module
 from galore_kernels.triton_ops.adam import dense_adamw_triton, lowrank_adam_triton
+from galore_kernels.triton_ops.back_apply import back_apply_triton
 from galore_kernels.triton_ops.nonfinite import nonfinite_flags_triton
-from galore_kernels.triton_ops.project import lowrank_project_triton
+from galore_kernels.triton_ops.project import lowrank_project_triton, project_partials_triton
 from galore_kernels.triton_ops.step import dense_adamw_step_triton, galore_adamw_step_triton
 
 SHAPES = [(33, 65), (65, 33), (48, 80)]
@@ -316,3 +318,133 @@ def test_tma_operand_loads_match_float64(monkeypatch, shape, rank, takes_tma, si
         assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[dtype]
         assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
     assert decisions and all(d == takes_tma for d in decisions), decisions
+
+
+# Split-K projection (utils.project_splits): the interpreter's tiles (BLOCK_K 32) with the count fixed
+# at three by the projection's own setting. K = 160 or 130 is 5 steps (splits of 2, 2 and 1), K = 97
+# is 4 (2 and 2: never an empty split); K = 30 is one step, which no count splits.
+SPLIT_CONFIG = "32,64,32,4,1,0,3"
+SPLIT_CASES = [((160, 48), 8, "left", 3), ((48, 130), 16, "right", 3), ((97, 40), 8, "left", 2), ((30, 40), 8, "left", 1)]
+
+
+def poisoned_partials(monkeypatch) -> None:
+    """Partial-product scratch filled with NaN, so that a partial left unwritten fails the test."""
+    real = project_module.partials_scratch
+
+    def poisoned(*args, **kwargs):
+        return real(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(project_module, "partials_scratch", poisoned)
+
+
+@pytest.mark.parametrize("shape, rank, side, splits", SPLIT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_projection_partials_cover_the_reduction(monkeypatch, shape, rank, side, splits, dtype):
+    """Each partial is the product over its own range of K steps, and in order they add up to R."""
+    monkeypatch.setenv("GALORE_KERNELS_PROJECT_CONFIG", SPLIT_CONFIG)
+    poisoned_partials(monkeypatch)
+    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=1, seed=zlib.crc32(repr((shape, side)).encode()))
+    bases = [p.to(dtype) for p in b.bases]
+    partials, nonfinite = project_partials_triton(b.grads, bases, side, rank)
+    assert partials.shape[:2] == (2, splits) and nonfinite.tolist() == [0, 0]
+    reduction = shape[0] if side == "left" else shape[1]
+    bounds = [min(reduction, 64 * s) for s in range(splits + 1)] if splits > 1 else [0, reduction]
+    for i in range(2):
+        g, p = b.grads[i].double(), bases[i].double()
+        for s in range(splits):
+            k = slice(bounds[s], bounds[s + 1])
+            expected = p[k].T @ g[k] if side == "left" else g[:, k] @ p[:, k].T
+            assert relative_error(partials[i, s], expected) <= 1e-6, (i, s)
+    out = torch.full((2, *b.exp_avgs[0].shape), float("nan"))
+    summed, _ = lowrank_project_triton(b.grads, bases, side, rank, out=out)
+    assert summed is out
+    for i in range(2):
+        g, p = b.grads[i].double(), bases[i].double()
+        assert relative_error(out[i], p.T @ g if side == "left" else g @ p.T) <= 1e-6
+
+
+@pytest.mark.parametrize("shape, rank, side, splits", SPLIT_CASES[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_projection_step_matches_float64_and_its_summed_r(monkeypatch, shape, rank, side, splits, dtype):
+    """The whole bucket step with a split projection is within the usual tolerances of float64, and
+    bit for bit the Adam phase run on R summed by sum_partials (what layer-wise accumulation feeds it):
+    the kernel adds the partials in the same order."""
+    monkeypatch.setenv("GALORE_KERNELS_PROJECT_CONFIG", SPLIT_CONFIG)
+    poisoned_partials(monkeypatch)
+    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=zlib.crc32(repr(("step", shape)).encode()))
+    old = b.clone()
+    expected_w, expected_m, expected_v = bucket_step64(old, LR, 0.1)
+    control = bucket_step_torch(old, LR, 0.1)
+    run_bucket(b, LR, 0.1)
+    for i in range(2):
+        err = update_error(b.params[i], old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[dtype]
+        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
+        assert relative_error(b.exp_avg_sqs[i], expected_v[i]) <= MOMENT_TOL[dtype]
+    # The same step with R summed outside the Adam kernel.
+    again = old.clone()
+    lowrank, nonfinite = lowrank_project_triton(again.grads, again.bases, side, rank)
+    steps = torch.full((2,), again.steps_before, dtype=torch.int32)
+    normalized = lowrank_adam_triton(lowrank, again.exp_avgs, again.exp_avg_sqs, steps, torch.tensor([LR]), nonfinite,
+                                     out_dtype=dtype, correct_bias=True, **HP)
+    back_apply_triton(again.params, normalized, again.bases, torch.tensor([LR]), nonfinite, side=side, weight_decay=0.1)
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for x, y in zip(getattr(b, key), getattr(again, key)):
+            assert torch.equal(x, y), key
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_split_projection_flags_a_nonfinite_gradient_in_any_split(monkeypatch):
+    monkeypatch.setenv("GALORE_KERNELS_PROJECT_CONFIG", SPLIT_CONFIG)
+    b = make_bucket((160, 48), 8, "left", torch.float32, batch=3, steps_before=2, seed=9)
+    b.grads[0][3, 5] = float("inf")  # first split's rows
+    b.grads[2][150, 40] = float("nan")  # last split's rows
+    old = b.clone()
+    run_bucket(b, LR, 0.1)
+    for i in (0, 2):
+        for key in ("params", "exp_avgs", "exp_avg_sqs"):
+            assert torch.equal(getattr(b, key)[i], getattr(old, key)[i]), (i, key)
+    assert not torch.equal(b.params[1], old.params[1])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NumPy, on the Inf it flags
+def test_split_partials_whose_sum_could_overflow_mask_the_step(monkeypatch):
+    """Each partial is finite, but their sum overflows to Inf in the Adam kernel: the projection flags
+    partials above FLT_MAX / splits, so the step is masked as it is without splits (there the
+    accumulator itself overflows)."""
+    for setting in (None, SPLIT_CONFIG):
+        if setting:
+            monkeypatch.setenv("GALORE_KERNELS_PROJECT_CONFIG", setting)
+        b = make_bucket((160, 48), 8, "left", torch.float32, batch=2, steps_before=2, seed=13)
+        b.bases[0].zero_()
+        b.bases[0][0, 0] = b.bases[0][64, 0] = 1.0  # rows in the first and the second split
+        b.grads[0][0, 0] = b.grads[0][64, 0] = 2e38
+        partials, nonfinite = project_partials_triton(b.grads, b.bases, "left", 8)
+        assert partials.shape[1] == (3 if setting else 1) and torch.isfinite(partials[0, :, 0, 0]).all() == bool(setting)
+        assert nonfinite.tolist() == [1, 0], setting
+        old = b.clone()
+        run_bucket(b, LR, 0.1)
+        for key in ("params", "exp_avgs", "exp_avg_sqs"):
+            assert torch.equal(getattr(b, key)[0], getattr(old, key)[0]), (setting, key)
+        assert not torch.equal(b.params[1], old.params[1])
+
+
+def test_automatic_split_count_runs_end_to_end(monkeypatch):
+    """The split count the launcher chooses itself (utils.project_splits), with its thresholds scaled
+    down to the interpreter's tiny shapes: 2 programs, 5 K steps -> 3 splits (2 + 2 + 1 steps)."""
+    from galore_kernels.triton_ops import utils
+
+    monkeypatch.setattr(utils, "MIN_PROGRAMS", 64)
+    monkeypatch.setattr(utils, "MIN_SPLIT_STEPS", 1)
+    poisoned_partials(monkeypatch)
+    b = make_bucket((160, 48), 8, "left", torch.bfloat16, batch=2, steps_before=3, seed=31)
+    partials, _ = project_partials_triton(b.grads, b.bases, "left", 8)
+    assert partials.shape[:2] == (2, 3)
+    old = b.clone()
+    expected_w, expected_m, _ = bucket_step64(old, LR, 0.1)
+    control = bucket_step_torch(old, LR, 0.1)
+    run_bucket(b, LR, 0.1)
+    for i in range(2):
+        err = update_error(b.params[i], old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[torch.bfloat16]
+        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[torch.bfloat16]

@@ -13,7 +13,8 @@ each kernel is timed alone with CUDA events (median of ``SWEEP_ROUNDS``, after a
 includes the compile), and the table gives ms per kernel and its ratio to the kernel's floor: its
 bytes at the measured copy bandwidth or its flops at the measured matmul rate, whichever is larger. Split-K candidates (seventh field) run for the projection only. A tile
 that fails to compile or launch is reported, not fatal. Each case ends with its fastest tile per
-kernel; the winners go into ``utils.GEMM_CONFIGS[kernel]`` (and so into the ahead-of-time compile test).
+kernel (the winners go into ``utils.GEMM_CONFIGS[kernel]``, and so into the ahead-of-time compile
+test), then the back-projection of its first two tiles with and without the W prefetch, alternately.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import ceilings as C  # noqa: E402
 from galore_kernels.triton_ops.adam import lowrank_adam_triton  # noqa: E402
 from galore_kernels.triton_ops.back_apply import back_apply_triton  # noqa: E402
 from galore_kernels.triton_ops.project import project_partials_triton  # noqa: E402
-from galore_kernels.triton_ops.utils import (GEMM_CONFIG_ENVS, INTERPRETER_GEMM_CONFIG, interpreting,  # noqa: E402
-                                             stacked_scratch)
+from galore_kernels.triton_ops.utils import (GEMM_CONFIG_ENVS, INTERPRETER_GEMM_CONFIG, PREFETCH_ENV,  # noqa: E402
+                                             interpreting, stacked_scratch)
 
 CUDA = torch.cuda.is_available() and not interpreting()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -138,6 +139,25 @@ def sweep_case(case, tiles: list[str], project_tiles: list[str], ceilings: dict)
         print(f"  {tile:40s} {cells[0]} {cells[1]:>23s}")
     for name, (ms, tile) in best.items():
         print(f"  fastest {name}: {tile} ({ms:.4f} ms, {ms / floors[name]:.2f}x its floor)")
+    prefetch_ab(kernels["back_apply"], tiles[:2], floors["back_apply"])
+
+
+def prefetch_ab(back_apply, tiles: list[str], floor: float) -> None:
+    """The back-projection with its W tile loaded before the GEMM loop and after it
+    (utils.prefetch_weight; auto takes it for 4-warp tiles of 16-bit weights), alternately."""
+    for tile in tiles:
+        os.environ[GEMM_CONFIG_ENVS["back_apply"]] = tile
+        cells = []
+        for setting in ("1", "0", "1", "0"):
+            os.environ[PREFETCH_ENV] = setting
+            try:
+                ms = time_ms(back_apply)
+                cells.append(f"prefetch {setting}: {ms:.4f} ms ({ms / floor:.2f}x)")
+            except Exception as err:  # noqa: BLE001 - reported, not fatal
+                cells.append(f"prefetch {setting}: failed ({type(err).__name__})")
+        os.environ.pop(PREFETCH_ENV, None)
+        os.environ.pop(GEMM_CONFIG_ENVS["back_apply"], None)
+        print(f"  back_apply {tile}: " + ", ".join(cells))
 
 
 def main(argv: list[str]) -> None:

@@ -87,6 +87,7 @@ def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stoch
     compile_kernel(back_apply._back_apply_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype],
         OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, STOCHASTIC=stochastic, INTERPRETER=False, TMA=False,
+        PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -201,7 +202,8 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     back_ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION=precision, STOCHASTIC=False,
-        INTERPRETER=False, TMA=tma, **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+        INTERPRETER=False, TMA=tma, PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()),
+        **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
     return {"project": project_ptx, "back_apply": back_ptx}
 
 
@@ -228,7 +230,7 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
     for operand in (tl.float32, tl.bfloat16):
         ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
             A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
-            STOCHASTIC=False, INTERPRETER=False, TMA=False, **tiles), divisible)
+            STOCHASTIC=False, INTERPRETER=False, TMA=False, PREFETCH_W=True, **tiles), divisible)
         assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx  # 16-byte asynchronous copies
         conversions[operand] = ptx.count("cvt.rn.bf16x2.f32")
     assert conversions[tl.bfloat16] < conversions[tl.float32] / 2, conversions
@@ -327,3 +329,31 @@ def test_fixed_split_counts_never_leave_a_split_empty():
     assert utils.project_splits(cfg, 1, 97) == (2, 2)  # 4 steps: 2 + 2, not 2 + 2 + 0
     assert utils.project_splits(utils.GemmConfig(32, 64, 32, 4, 1, split_k=8), 1, 70) == (1, 3)
     assert utils.project_splits(utils.GemmConfig(32, 64, 32, 4, 1, split_k=1), 1, 4096) == (128, 1)
+
+
+def test_back_projection_loads_its_weight_tile_before_the_gemm_loop():
+    """The default 16-bit tile prefetches W (utils.prefetch_weight): its 16-byte loads of W come
+    before the first warpgroup MMA; without the prefetch they follow the loop."""
+    cfg = DEVICE_CONFIGS["back_apply"]["wide_16bit"]
+    assert utils.prefetch_weight(cfg, 2) and not utils.prefetch_weight(cfg, 4)
+    assert not utils.prefetch_weight(utils.GemmConfig(128, 128, 64, 8, 3), 2)  # would halve the CTAs per SM
+    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
+           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    first = {}
+    for prefetch in (True, False):
+        ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
+            A_DTYPE=tl.bfloat16, B_DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
+            STOCHASTIC=False, INTERPRETER=False, TMA=False, PREFETCH_W=prefetch, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps,
+            cfg.num_stages)
+        first[prefetch] = (ptx.index("ld.global.v4"), ptx.index("wgmma.mma_async"))
+    assert first[True][0] < first[True][1] and first[False][0] > first[False][1], first
+
+
+def test_prefetch_setting_is_checked(monkeypatch):
+    cfg = DEVICE_CONFIGS["back_apply"]["wide_16bit"]
+    monkeypatch.setenv(utils.PREFETCH_ENV, "0")
+    assert not utils.prefetch_weight(cfg, 2)
+    monkeypatch.setenv(utils.PREFETCH_ENV, "yes")
+    with pytest.raises(ValueError, match=utils.PREFETCH_ENV):
+        utils.prefetch_weight(cfg, 2)

@@ -18,7 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, load_pointer, pointer_table,
-                    random_seeds, round_weight, stacked_table, tile_product, tile_product_tma, tma_ready)
+                    prefetch_weight, random_seeds, round_weight, stacked_table, tile_product, tile_product_tma,
+                    tma_ready)
 
 
 @triton.jit
@@ -42,6 +43,7 @@ def _back_apply_kernel(
     STOCHASTIC: tl.constexpr,  # bf16 weights rounded stochastically
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
     TMA: tl.constexpr,  # operands through TMA descriptors (utils.tile_product_tma)
+    PREFETCH_W: tl.constexpr,  # load the W tile before the GEMM loop (utils.prefetch_weight)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -59,6 +61,10 @@ def _back_apply_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_w = offs_m[:, None] * N + offs_n[None, :]
+    if PREFETCH_W:  # issued before the GEMM loop, whose few K = rank steps then hide its latency
+        w = tl.load(w_ptr + offs_w, mask=inside, other=0.0)
     if TMA:
         acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, 0, K, K, N, OPERAND, PRECISION,
                                INTERPRETER, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -66,12 +72,11 @@ def _back_apply_kernel(
         acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, 0, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
                            BLOCK_M, BLOCK_N, BLOCK_K)
 
+    if not PREFETCH_W:
+        w = tl.load(w_ptr + offs_w, mask=inside, other=0.0)
     finite = tl.load(nonfinite_ptr + batch) == 0
     decay = 1.0 - tl.load(lr_ptr) * weight_decay
-    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    offs_w = offs_m[:, None] * N + offs_n[None, :]
-    w = tl.load(w_ptr + offs_w, mask=inside, other=0.0).to(tl.float32)
-    w = (w - acc) * decay
+    w = (w.to(tl.float32) - acc) * decay
     # A skipped weight writes nothing (its row limit drops to 0; see adam.py on the mask).
     update = (offs_m[:, None] < tl.where(finite, M, 0)) & (offs_n[None, :] < N)
     w = round_weight(w, W_DTYPE, STOCHASTIC, seeds_ptr, steps_ptr, batch, offs_w, INTERPRETER)
@@ -109,6 +114,7 @@ def back_apply_triton(
         rounding_seeds if stochastic else nonfinite, steps if stochastic else nonfinite, m, n, rank, weight_decay,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
         STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), TMA=tma,
+        PREFETCH_W=prefetch_weight(cfg, params[0].element_size()),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

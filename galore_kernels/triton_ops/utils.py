@@ -288,6 +288,29 @@ def gemm_config(kernel: str, out_rows: int, out_cols: int, operand_dtype: torch.
     return wide if large else table[f"square_{bits}"]
 
 
+# The back-projection issues its W tile's load before the GEMM loop, so that the loop (K = rank:
+# 4-16 steps) hides the load's latency, which otherwise follows it. The tile then stays in registers
+# through the loop: only 4-warp tiles whose W takes at most PREFETCH_REGISTERS 32-bit registers per
+# thread do it. For bf16 at 64x128 that is 128 -> 168 registers per thread (ptxas, sm_90a), still 3
+# CTAs per SM. Larger tiles would spill (a 128x256 8-warp tile holds 250 registers already), and an
+# 8-warp 128x128 tile would drop from 2 CTAs per SM to 1. GALORE_KERNELS_PREFETCH_W=0/1 overrides it,
+# for the tile sweep.
+PREFETCH_REGISTERS = 32
+PREFETCH_ENV = "GALORE_KERNELS_PREFETCH_W"
+
+
+def prefetch_weight(cfg: GemmConfig, weight_bytes: int) -> bool:
+    """Whether the back-projection of a weight of ``weight_bytes`` per element loads its tile of W
+    before the GEMM loop."""
+    setting = os.environ.get(PREFETCH_ENV, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{PREFETCH_ENV}={setting!r}: use auto (the default), 0 or 1.")
+    if setting != "auto":
+        return setting == "1"
+    threads = cfg.num_warps * 32
+    return cfg.num_warps == 4 and cfg.block_m * cfg.block_n * weight_bytes <= PREFETCH_REGISTERS * 4 * threads
+
+
 def project_splits(cfg: GemmConfig, programs: int, reduction: int) -> tuple[int, int]:
     """(K steps per split, splits) of a projection launch of ``programs`` output tiles (times the
     batch) over a reduction of ``reduction``: split only while there are fewer programs than SMs, each

@@ -448,3 +448,17 @@ def test_automatic_split_count_runs_end_to_end(monkeypatch):
         err = update_error(b.params[i], old.params[i], expected_w[i])
         assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[torch.bfloat16]
         assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_prefetch_changes_no_bit(monkeypatch, side, dtype):
+    """Loading the W tile before the GEMM loop (utils.prefetch_weight) or after it: the same step."""
+    runs = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("GALORE_KERNELS_PREFETCH_W", setting)
+        b = make_bucket((65, 33), 8, side, dtype, batch=2, steps_before=2, seed=17)
+        run_bucket(b, LR, 0.1)
+        runs.append(b)
+    for x, y in zip(runs[0].params, runs[1].params):
+        assert torch.equal(x, y)

@@ -87,7 +87,7 @@ def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stoch
     compile_kernel(back_apply._back_apply_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype],
         OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, STOCHASTIC=stochastic, INTERPRETER=False, TMA=False,
-        PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()),
+        B_K_MAJOR=precision == "tf32", PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -202,8 +202,8 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     back_ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION=precision, STOCHASTIC=False,
-        INTERPRETER=False, TMA=tma, PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()),
-        **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+        INTERPRETER=False, TMA=tma, B_K_MAJOR=precision == "tf32",
+        PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()), **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
     return {"project": project_ptx, "back_apply": back_ptx}
 
 
@@ -212,9 +212,22 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
 def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
     """Every projection and back-projection operand reaches shared memory in 16-byte cp.async copies
     for bf16/fp16 and IEEE float32 (a 4-byte copy is a transposing copy, four times the instructions:
-    what TF32's wgmma, which takes K-major operands only, gets for G and N today; see RESULTS.md)."""
+    what TF32's wgmma, which takes K-major operands only, makes of any other layout; see below)."""
     for name, ptx in gemm_ptx(side, config, dtype, "ieee", tma=False).items():
         assert _copy_widths(ptx) == {16}, (name, _copy_widths(ptx))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_tf32_gemms_read_k_major_operands_in_16_byte_vectors(side):
+    """TF32 wgmma reads only K-major operands: the back-projection gets B (N, or Q) transposed by
+    the launcher (utils.k_major_operands), and the right projection's operands are K-major as
+    stored, so these copy 16 bytes at a time. The left projection's G is not (its rows are the
+    reduction): its copies stay 4-byte (RESULTS.md), which this test leaves out."""
+    ptx = gemm_ptx(side, "wide_fp32", torch.float32, "tf32", tma=False)
+    assert "wgmma" in ptx["back_apply"]
+    assert _copy_widths(ptx["back_apply"]) == {16}, _copy_widths(ptx["back_apply"])
+    if side == "right":
+        assert _copy_widths(ptx["project"]) == {16}, _copy_widths(ptx["project"])
 
 
 def test_16bit_operands_reach_the_tensor_cores_without_conversion():
@@ -230,7 +243,7 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
     for operand in (tl.float32, tl.bfloat16):
         ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
             A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
-            STOCHASTIC=False, INTERPRETER=False, TMA=False, PREFETCH_W=True, **tiles), divisible)
+            STOCHASTIC=False, INTERPRETER=False, TMA=False, B_K_MAJOR=False, PREFETCH_W=True, **tiles), divisible)
         assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx  # 16-byte asynchronous copies
         conversions[operand] = ptx.count("cvt.rn.bf16x2.f32")
     assert conversions[tl.bfloat16] < conversions[tl.float32] / 2, conversions
@@ -343,7 +356,7 @@ def test_back_projection_loads_its_weight_tile_before_the_gemm_loop():
     for prefetch in (True, False):
         ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
             A_DTYPE=tl.bfloat16, B_DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee",
-            STOCHASTIC=False, INTERPRETER=False, TMA=False, PREFETCH_W=prefetch, BLOCK_M=cfg.block_m,
+            STOCHASTIC=False, INTERPRETER=False, TMA=False, B_K_MAJOR=False, PREFETCH_W=prefetch, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps,
             cfg.num_stages)
         first[prefetch] = (ptx.index("ld.global.v4"), ptx.index("wgmma.mma_async"))

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, load_pointer, pointer_table,
-                    prefetch_weight, random_seeds, round_weight, stacked_table, tile_product, tile_product_tma,
-                    tma_ready)
+from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, k_major_operands, load_pointer,
+                    pointer_table, prefetch_weight, random_seeds, round_weight, stacked_table, tile_product,
+                    tile_product_tma, tma_ready, transposed_stack)
 
 
 @triton.jit
@@ -43,6 +43,7 @@ def _back_apply_kernel(
     STOCHASTIC: tl.constexpr,  # bf16 weights rounded stochastically
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
     TMA: tl.constexpr,  # operands through TMA descriptors (utils.tile_product_tma)
+    B_K_MAJOR: tl.constexpr,  # B stored as its N x K transpose (utils.k_major_operands), else K x N
     PREFETCH_W: tl.constexpr,  # load the W tile before the GEMM loop (utils.prefetch_weight)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -53,8 +54,8 @@ def _back_apply_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    # Both operands are row-major, A is M x K and B is K x N; in the operand dtype they go to the
-    # tensor cores without a conversion in registers (the optimizer passes them so).
+    # Both operands are row-major: A is M x K, B is K x N or (B_K_MAJOR) N x K. In the operand dtype
+    # they go to the tensor cores without a conversion in registers (the optimizer passes them so).
     a_ptr = load_pointer(a_table, batch, A_DTYPE)
     b_ptr = load_pointer(b_table, batch, B_DTYPE)
     w_ptr = load_pointer(w_table, batch, W_DTYPE)
@@ -66,8 +67,12 @@ def _back_apply_kernel(
     if PREFETCH_W:  # issued before the GEMM loop, whose few K = rank steps then hide its latency
         w = tl.load(w_ptr + offs_w, mask=inside, other=0.0)
     if TMA:
-        acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, 0, K, K, N, OPERAND, PRECISION,
-                               INTERPRETER, True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, 0, K, K,
+                               K if B_K_MAJOR else N, OPERAND, PRECISION, INTERPRETER, True, not B_K_MAJOR,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
+    elif B_K_MAJOR:
+        acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, 0, K, K, 1, 1, K, OPERAND, PRECISION, INTERPRETER,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, 0, K, K, 1, N, 1, OPERAND, PRECISION, INTERPRETER,
                            BLOCK_M, BLOCK_N, BLOCK_K)
@@ -100,9 +105,13 @@ def back_apply_triton(
     basis_table, n_table = pointer_table(bases, device), stacked_table(normalized)
     a_table, b_table = (basis_table, n_table) if side == "left" else (n_table, basis_table)
     a_dtype, b_dtype = (bases[0].dtype, normalized.dtype) if side == "left" else (normalized.dtype, bases[0].dtype)
+    b_k_major = k_major_operands(dtype)
+    if b_k_major:  # B (N left, Q right: r x n) copied to its n x r transpose, once per step
+        b_transposed = transposed_stack(normalized if side == "left" else bases)  # alive until the launch
+        b_table = stacked_table(b_transposed)
     cfg = gemm_config("back_apply", m, n, dtype, len(params))
-    # A is M x K and B is K x N, row-major: rows of K (= rank) and of N elements.
-    tma = tma_ready(cfg, (rank * torch.finfo(a_dtype).bits // 8, n * torch.finfo(b_dtype).bits // 8))
+    # A is M x K and B is K x N (or N x K), row-major: rows of K (= rank) and of N (or K) elements.
+    tma = tma_ready(cfg, (rank * torch.finfo(a_dtype).bits // 8, (rank if b_k_major else n) * torch.finfo(b_dtype).bits // 8))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), len(params))
     stochastic = bool(stochastic_rounding)
     if stochastic:
@@ -113,7 +122,7 @@ def back_apply_triton(
         a_table, b_table, pointer_table(params, device), lr, nonfinite,
         rounding_seeds if stochastic else nonfinite, steps if stochastic else nonfinite, m, n, rank, weight_decay,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], W_DTYPE=TORCH_TO_TL[dtype], OPERAND=TORCH_TO_TL[dtype], PRECISION=dot_precision(dtype),
-        STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), TMA=tma,
+        STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), TMA=tma, B_K_MAJOR=b_k_major,
         PREFETCH_W=prefetch_weight(cfg, params[0].element_size()),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -50,6 +50,14 @@ def dot_precision(param_dtype: torch.dtype) -> str:
     return FP32_PRECISION[torch.get_float32_matmul_precision()]
 
 
+def k_major_operands(param_dtype: torch.dtype) -> bool:
+    """Whether the GEMMs of parameters of ``param_dtype`` want every shared-memory operand K-major
+    (contiguous along the reduction). TF32 wgmma reads only those: any other layout reaches shared
+    memory transposed, one 4-byte element per copy (sm_90 PTX; RESULTS.md). 16-bit wgmma reads either
+    order, and IEEE float32 runs on the FMA units."""
+    return dot_precision(param_dtype) == "tf32"
+
+
 def interpreter_workarounds() -> bool:
     """The ``INTERPRETER`` constexpr of the kernels: True only under Triton's interpreter.
 
@@ -416,6 +424,15 @@ def partials_scratch(batch: int, splits: int, rows: int, cols: int, device: torc
     per = -(-rows * cols // 16) * 16
     return torch.empty((batch, splits, per), dtype=torch.float32, device=device).as_strided(
         (batch, splits, rows, cols), (splits * per, per, cols, 1))
+
+
+def transposed_stack(matrices: Sequence[Tensor] | Tensor) -> Tensor:  # B x (a, b) -> (B, b, a)
+    """The transposes of a bucket's matrices (a list, or a stacked (B, a, b) tensor), contiguous in
+    stacked_scratch (each slice 16-byte aligned), in two launches whatever B is."""
+    stacked = matrices if isinstance(matrices, Tensor) else torch.stack(list(matrices))
+    out = stacked_scratch(stacked.shape[0], stacked.shape[2], stacked.shape[1], stacked.device, stacked.dtype)
+    out.copy_(stacked.transpose(1, 2))
+    return out
 
 
 def check_stacked(name: str, t: Tensor, shape: tuple, dtype: torch.dtype = torch.float32) -> None:

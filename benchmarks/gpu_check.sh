@@ -10,8 +10,8 @@
 # skipped and says so):
 #   1. wheels from .whl/ (pip --no-index --no-deps --target /tmp/site; PYTHONPATH) if any
 #   2. python3 -m pip install --no-build-isolation --no-deps -e .   (builds the native CUDA refresh op)
-#   3. GPU tests: tests/test_triton_gpu.py tests/test_native_gpu.py tests/test_native.py, then
-#      tests/test_triton_tma_gpu.py in a process of its own
+#   3. GPU tests, three pytest processes side by side (benchmarks/gpu_tests.sh): tests/test_triton_gpu.py;
+#      tests/test_native_gpu.py tests/test_native.py; tests/test_triton_tma_gpu.py
 #   4. benchmarks/bench_model_step.py   (368M configuration, whole optimizer step)
 #   5. benchmarks/bench_step.py         (one step per weight at the anchor shapes, ceilings, floors)
 #   6. benchmarks/bench_refresh.py      (the refresh benchmark)
@@ -19,7 +19,7 @@
 # Files under $OUT (7, the device tool brings back at most 8): install.log, tests.log, bench.log
 # (stages 4-6 in full), step.json, model.json, refresh.json, summary.txt. Without $OUT: /tmp/gpu_check.
 # Environment: GPU_CHECK_BUDGET, PYTHON (default python3), BENCH_ROUNDS, BENCH_COMPILE (see
-# bench_step.py), GPU_CHECK_SKIP="install tests tma_tests model step refresh" (any subset) to leave stages out.
+# bench_step.py), GPU_CHECK_SKIP="install tests model step refresh" (any subset) to leave stages out.
 # On a machine without CUDA it runs as far as it goes: the GPU tests and GPU cases skip, the
 # benchmarks run their CPU smoke cases.
 set -uo pipefail  # no -e: one failing stage must not stop the others
@@ -124,19 +124,20 @@ print(f"triton step on {dev}: {dispatch.triton_unavailable_reason(dev) or 'avail
 EOF
 
 # ------------------------------------------------------------------------------ 3. GPU tests
-TESTS=()
-for f in tests/test_triton_gpu.py tests/test_native_gpu.py tests/test_native.py; do  # the compile test runs in CI (3.9 and 3.6)
-    if [ -f "$f" ]; then TESTS+=("$f"); else note "tests: $f does not exist (yet)"; STATUS+=("tests: $f missing"); fi
+# Three pytest processes side by side (benchmarks/gpu_tests.sh): the Triton step's tests, the native
+# refresh's, and the TMA path's (it had not run on a GPU when written: a fault there stays in its
+# own process). TRITON_INTERPRET=1 would turn the ahead-of-time compile tests into failures: never here.
+TEST_GROUPS=()
+for group in "tests/test_triton_gpu.py" "tests/test_native_gpu.py tests/test_native.py" "tests/test_triton_tma_gpu.py"; do
+    present=""
+    for f in $group; do  # the compile test runs in CI (3.9 and 3.6)
+        if [ -f "$f" ]; then present="$present $f"; else note "tests: $f does not exist (yet)"; STATUS+=("tests: $f missing"); fi
+    done
+    [ -n "$present" ] && TEST_GROUPS+=("${present# }")
 done
-SHOW='passed|failed|error|FAILED|ERROR|^E  '
-if (( ${#TESTS[@]} )); then
-    # TRITON_INTERPRET=1 would turn the ahead-of-time compile tests into failures: never for this stage.
-    stage tests 130 20 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=5 "${TESTS[@]}"
-fi
-# The TMA operand path in a process of its own: a fault there (it had not run on a GPU when written)
-# must not take the tests above with it.
-if [ -f tests/test_triton_tma_gpu.py ]; then
-    stage tma_tests 45 15 "$OUT/tests.log" env -u TRITON_INTERPRET "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_tma_gpu.py
+SHOW='passed|failed|error|FAILED|ERROR|^E  |^===== pytest group|gpu_tests:'
+if (( ${#TEST_GROUPS[@]} )); then
+    stage tests 150 20 "$OUT/tests.log" env PYTHON="$PY" bash benchmarks/gpu_tests.sh "${TEST_GROUPS[@]}"
 fi
 
 # ------------------------------------------------------------------------------ 4-6. benchmarks

@@ -73,7 +73,8 @@ def test_project_kernel_compiles(side, config, dtype, precision, basis):
                  "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS}}
     compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], OPERAND=utils.TORCH_TO_TL[dtype],
-        PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=side == "left", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=side == "left",
+        A_K_MAJOR=side == "right" or precision == "tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -134,7 +135,8 @@ def test_matrix_instructions_follow_precision(operand, precision, tensor_cores):
                  "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS}}
     compiled = compile_kernel(project._lowrank_project_kernel, signature, dict(
         A_DTYPE=tl.float32, B_DTYPE=utils.TORCH_TO_TL[operand], OPERAND=utils.TORCH_TO_TL[operand],
-        PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=precision, INTERPRETER=False, TMA=False, RANK_ON_M=False, A_K_MAJOR=True, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
     ptx = compiled.asm["ptx"]
     assert ("wgmma" in ptx) == tensor_cores and "mma.sync" not in ptx
@@ -179,7 +181,9 @@ def _copy_widths(ptx: str) -> set:
 
 # Operand layouts of the real launches: unit strides are constants (the JIT specialises 1), the
 # others runtime and 16-divisible. left: A = P^T read from P (m x r), B = G; right: A = G, B = Q^T from Q.
-PROJECT_LAYOUTS = {"left": dict(stride_am=1, stride_bn=1), "right": dict(stride_ak=1, stride_bk=1)}
+# With TF32 the left projection reads P^T from a transposed copy (r x m: K-major).
+PROJECT_LAYOUTS = {"left": dict(stride_am=1, stride_bn=1), "right": dict(stride_ak=1, stride_bk=1),
+                   "left_k_major": dict(stride_ak=1, stride_bn=1)}
 
 
 def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bool) -> dict:
@@ -188,12 +192,13 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
     cfg = DEVICE_CONFIGS["project"][config]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     operand = utils.TORCH_TO_TL[dtype]
-    layout = PROJECT_LAYOUTS[side]
+    a_k_major = side == "right" or precision == "tf32"  # project_partials_triton's choice
+    layout = PROJECT_LAYOUTS["left_k_major" if side == "left" and a_k_major else side]
     sig = {"a_table": "*i64", "b_table": "*i64", "out_ptr": "*fp32", "nonfinite_ptr": "*i32",
            "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS if k not in layout}}
     project_ptx = _ptx(project._lowrank_project_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=tma,
-        RANK_ON_M=side == "left", **layout, **tiles), tuple(k for k in sig if k not in ("split_steps", "finite_bound")),
+        RANK_ON_M=side == "left", A_K_MAJOR=a_k_major, **layout, **tiles), tuple(k for k in sig if k not in ("split_steps", "finite_bound")),
         cfg.num_warps,
         cfg.num_stages)
     cfg = DEVICE_CONFIGS["back_apply"][config]
@@ -220,14 +225,13 @@ def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_tf32_gemms_read_k_major_operands_in_16_byte_vectors(side):
     """TF32 wgmma reads only K-major operands: the back-projection gets B (N, or Q) transposed by
-    the launcher (utils.k_major_operands), and the right projection's operands are K-major as
-    stored, so these copy 16 bytes at a time. The left projection's G is not (its rows are the
-    reduction): its copies stay 4-byte (RESULTS.md), which this test leaves out."""
+    the launcher (utils.k_major_operands), the left projection P^T, and the right projection's
+    operands are K-major as stored, so these copy 16 bytes at a time. The left projection's G is
+    not (its rows are the reduction): its copies stay 4-byte (RESULTS.md)."""
     ptx = gemm_ptx(side, "wide_fp32", torch.float32, "tf32", tma=False)
-    assert "wgmma" in ptx["back_apply"]
+    assert "wgmma" in ptx["back_apply"] and "wgmma" in ptx["project"]
     assert _copy_widths(ptx["back_apply"]) == {16}, _copy_widths(ptx["back_apply"])
-    if side == "right":
-        assert _copy_widths(ptx["project"]) == {16}, _copy_widths(ptx["project"])
+    assert _copy_widths(ptx["project"]) == ({16} if side == "right" else {4, 16}), _copy_widths(ptx["project"])
 
 
 def test_16bit_operands_reach_the_tensor_cores_without_conversion():
@@ -253,7 +257,7 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
            "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS if k not in ("stride_am", "stride_bn")}}
     ptx = _ptx(project._lowrank_project_kernel, sig, dict(
         A_DTYPE=tl.bfloat16, B_DTYPE=tl.bfloat16, OPERAND=tl.bfloat16, PRECISION="ieee", INTERPRETER=False,
-        TMA=False, RANK_ON_M=True, stride_am=1, stride_bn=1, **tiles),
+        TMA=False, RANK_ON_M=True, A_K_MAJOR=False, stride_am=1, stride_bn=1, **tiles),
         tuple(k for k in sig if k not in ("split_steps", "finite_bound")))
     assert "wgmma.mma_async" in ptx and "cp.async.cg" in ptx and "cvt.rn.bf16x2.f32" not in ptx
 

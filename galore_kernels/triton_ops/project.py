@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds, load_pointer,
-                    partials_scratch, pointer_table, project_splits, stacked_scratch, tile_product, tile_product_tma,
-                    tma_ready)
+from .utils import (TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds, k_major_operands,
+                    load_pointer, partials_scratch, pointer_table, project_splits, stacked_scratch, stacked_table,
+                    tile_product, tile_product_tma, tma_ready, transposed_stack)
 
 FLT_MAX = torch.finfo(torch.float32).max
 
@@ -53,6 +53,7 @@ def _lowrank_project_kernel(
     PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands ("ieee" or "tf32")
     INTERPRETER: tl.constexpr,  # utils.interpreter_workarounds
     RANK_ON_M: tl.constexpr,  # True for left (R = P^T G), False for right (R = G Q^T)
+    A_K_MAJOR: tl.constexpr,  # A stored M x K (G; P^T copied for TF32), else as its K x M transpose (P)
     TMA: tl.constexpr,  # operands through TMA descriptors (utils.tile_product_tma)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -80,10 +81,10 @@ def _lowrank_project_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if TMA:  # left: A = P^T stored as P (K x M), B = G (K x N); right: A = G (M x K), B = Q^T stored as Q (N x K)
+    if TMA:  # left: A = P^T stored as P (K x M) or copied (M x K), B = G (K x N); right: A = G (M x K), B = Q^T stored as Q (N x K)
         acc = tile_product_tma(a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K, k_start, k_end,
-                               stride_ak if RANK_ON_M else stride_am, stride_bk if RANK_ON_M else stride_bn,
-                               OPERAND, PRECISION, INTERPRETER, not RANK_ON_M, RANK_ON_M, BLOCK_M, BLOCK_N, BLOCK_K)
+                               stride_am if A_K_MAJOR else stride_ak, stride_bk if RANK_ON_M else stride_bn,
+                               OPERAND, PRECISION, INTERPRETER, A_K_MAJOR, RANK_ON_M, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = tile_product(a_ptr, b_ptr, offs_m, offs_n, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn,
                            OPERAND, PRECISION, INTERPRETER, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -134,15 +135,20 @@ def project_partials_triton(
     a_table, b_table = (basis_table, grad_table) if side == "left" else (grad_table, basis_table)
     basis_dtype = bases[0].dtype  # float32, or the gradients' dtype (read without a conversion)
     a_dtype, b_dtype = (basis_dtype, dtype) if side == "left" else (dtype, basis_dtype)
-    n = grads[0].shape[1]
+    m, n = grads[0].shape
     basis_row = rank if side == "left" else n  # P is m x r, Q is r x n
+    a_k_major = side == "right" or k_major_operands(dtype)
+    if side == "left" and a_k_major:  # P^T (r x m) copied once per step: TF32 reads K-major operands only
+        p_transposed = transposed_stack(bases)  # alive until the launch
+        a_table, (sam, sak), basis_row = stacked_table(p_transposed), (m, 1), m
     tma = tma_ready(cfg, (n * grads[0].element_size(), basis_row * bases[0].element_size()))
     _lowrank_project_kernel[(tiles * splits, batch)](
         a_table, b_table, partials, nonfinite, partials.stride(0), partials.stride(1) if splits > 1 else 0,
         split_steps, FLT_MAX / splits, M, N, K,
         sam, sak, sbk, sbn,
         A_DTYPE=TORCH_TO_TL[a_dtype], B_DTYPE=TORCH_TO_TL[b_dtype], OPERAND=TORCH_TO_TL[dtype],
-        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left", TMA=tma,
+        PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left",
+        A_K_MAJOR=a_k_major, TMA=tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

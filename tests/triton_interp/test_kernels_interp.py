@@ -467,19 +467,22 @@ def test_weight_prefetch_changes_no_bit(monkeypatch, side, dtype):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("shape, rank", [((65, 33), 8), ((48, 80), 16)])
 @pytest.mark.parametrize("tma", [False, True])
-def test_k_major_back_projection_operand_changes_no_bit(monkeypatch, side, shape, rank, tma):
-    """TF32 makes the back-projection read B transposed (utils.k_major_operands; the interpreter
-    never runs TF32, so it is forced here): the same step, bit for bit, as B read as stored; also
-    through TMA descriptors (48x80 at rank 16: rows of 16-byte multiples)."""
+def test_k_major_operands_change_no_bit(monkeypatch, side, shape, rank, tma):
+    """TF32 makes the GEMMs read transposed copies (utils.k_major_operands: the back-projection's B,
+    the left projection's P^T; the interpreter never runs TF32, so it is forced here): the same step,
+    bit for bit, as the operands read as stored; also through TMA descriptors (48x80 at rank 16:
+    rows of 16-byte multiples)."""
     from galore_kernels.triton_ops import back_apply
 
     if tma:
         monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", TMA_CONFIG)
     runs = []
     for k_major in (True, False):
-        monkeypatch.setattr(back_apply, "k_major_operands", lambda dtype, k_major=k_major: k_major)
+        for module in (back_apply, project_module):
+            monkeypatch.setattr(module, "k_major_operands", lambda dtype, k_major=k_major: k_major)
         b = make_bucket(shape, rank, side, torch.float32, batch=3, steps_before=2, seed=19)
         run_bucket(b, LR, 0.1)
         runs.append(b)
-    for x, y in zip(runs[0].params, runs[1].params):
-        assert torch.equal(x, y)
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for x, y in zip(getattr(runs[0], key), getattr(runs[1], key)):
+            assert torch.equal(x, y), key

@@ -158,7 +158,8 @@ stage refresh 80 20 "$OUT/bench.log" "$PY" "${BENCH[@]}" --benchmark-json="$OUT/
     for s in "${STATUS[@]}"; do echo "stage $s"; done
     grep -E "CUDA kernels:|NOT built|^ERROR|error:" "$OUT/install.log" 2>/dev/null | tail -3
     grep -E "^(native refresh op|triton step) on" "$OUT/install.log" 2>/dev/null
-    grep -E '^[0-9]+ (passed|failed|skipped)|^(FAILED|ERROR) |passed|failed' "$OUT/tests.log" 2>/dev/null | tail -4
+    grep -E '^===== pytest group|^[0-9]+ (passed|failed|skipped)|^(FAILED|ERROR) |passed|failed|^gpu_tests:' \
+        "$OUT/tests.log" 2>/dev/null | tail -12
     timeout 20 "$PY" benchmarks/ceilings.py summary "$OUT/step.json" "$OUT/model.json" "$OUT/refresh.json"
     echo "files: $(cd "$OUT" && ls | tr '\n' ' ')  (full logs: install.log tests.log bench.log)"
 } 2>&1 | tee "$OUT/summary.txt"

@@ -8,10 +8,12 @@
 #
 # Exit status: 0 when every group passed, else the largest status of a group (124 after a timeout).
 set -u
+export PYTHONUNBUFFERED=1  # a group stopped by the timeout keeps what it printed
 PY=${PYTHON:-python3}
 GROUP_FILES=("$@")
 LOGS=$(mktemp -d)
 PIDS=()
+(( ${#GROUP_FILES[@]} )) || { echo "gpu_tests: no test group given" >&2; exit 2; }
 
 print_logs() {
     for i in "${!GROUP_FILES[@]}"; do
@@ -22,10 +24,11 @@ print_logs() {
 
 stopped() {  # the stage's timeout: stop the groups, keep what they printed
     trap - TERM INT
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$pid" 2>/dev/null; done
     sleep 2
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -KILL "$pid" 2>/dev/null; done
     print_logs
+    rm -rf "$LOGS"
     echo "gpu_tests: stopped by a signal before every group finished"
     exit 124
 }
@@ -44,4 +47,5 @@ for pid in "${PIDS[@]}"; do
     (( rc > worst )) && worst=$rc
 done
 print_logs
+rm -rf "$LOGS"
 exit "$worst"

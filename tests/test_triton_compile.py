@@ -354,6 +354,7 @@ def test_back_projection_loads_its_weight_tile_before_the_gemm_loop():
     cfg = DEVICE_CONFIGS["back_apply"]["wide_16bit"]
     assert utils.prefetch_weight(cfg, 2) and not utils.prefetch_weight(cfg, 4)
     assert not utils.prefetch_weight(utils.GemmConfig(128, 128, 64, 8, 3), 2)  # would halve the CTAs per SM
+    assert not utils.prefetch_weight(DEVICE_CONFIGS["back_apply"]["square_fp32"], 4)  # 4 -> 3 CTAs per SM
     sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
            "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
     first = {}

@@ -298,11 +298,12 @@ def gemm_config(kernel: str, out_rows: int, out_cols: int, operand_dtype: torch.
 
 # The back-projection issues its W tile's load before the GEMM loop, so that the loop (K = rank:
 # 4-16 steps) hides the load's latency, which otherwise follows it. The tile then stays in registers
-# through the loop: only 4-warp tiles whose W takes at most PREFETCH_REGISTERS 32-bit registers per
-# thread do it. For bf16 at 64x128 that is 128 -> 168 registers per thread (ptxas, sm_90a), still 3
-# CTAs per SM. Larger tiles would spill (a 128x256 8-warp tile holds 250 registers already), and an
-# 8-warp 128x128 tile would drop from 2 CTAs per SM to 1. GALORE_KERNELS_PREFETCH_W=0/1 overrides it,
-# for the tile sweep.
+# through the loop: only 4-warp tiles of 16-bit weights whose W takes at most PREFETCH_REGISTERS
+# 32-bit registers per thread do it. For bf16 at 64x128 that is 128 -> 168 registers per thread
+# (ptxas, sm_90a), still 3 CTAs per SM; at 64x64, 64 -> 92, still 4. Larger tiles would spill (a
+# 128x256 8-warp tile holds 250 registers already), an 8-warp 128x128 tile would drop from 2 CTAs per
+# SM to 1, and a float32 64x64 one from 4 to 3. GALORE_KERNELS_PREFETCH_W=0/1 overrides it, for the
+# tile sweep.
 PREFETCH_REGISTERS = 32
 PREFETCH_ENV = "GALORE_KERNELS_PREFETCH_W"
 
@@ -316,7 +317,8 @@ def prefetch_weight(cfg: GemmConfig, weight_bytes: int) -> bool:
     if setting != "auto":
         return setting == "1"
     threads = cfg.num_warps * 32
-    return cfg.num_warps == 4 and cfg.block_m * cfg.block_n * weight_bytes <= PREFETCH_REGISTERS * 4 * threads
+    return (cfg.num_warps == 4 and weight_bytes == 2
+            and cfg.block_m * cfg.block_n * weight_bytes <= PREFETCH_REGISTERS * 4 * threads)
 
 
 def project_splits(cfg: GemmConfig, programs: int, reduction: int) -> tuple[int, int]:
@@ -428,7 +430,8 @@ def partials_scratch(batch: int, splits: int, rows: int, cols: int, device: torc
 
 def transposed_stack(matrices: Sequence[Tensor] | Tensor) -> Tensor:  # B x (a, b) -> (B, b, a)
     """The transposes of a bucket's matrices (a list, or a stacked (B, a, b) tensor), contiguous in
-    stacked_scratch (each slice 16-byte aligned), in two launches whatever B is."""
+    stacked_scratch (each slice 16-byte aligned): one launch for a stacked tensor, two for a list
+    (stacked first, a temporary of the bucket's size), whatever B is."""
     stacked = matrices if isinstance(matrices, Tensor) else torch.stack(list(matrices))
     out = stacked_scratch(stacked.shape[0], stacked.shape[2], stacked.shape[1], stacked.device, stacked.dtype)
     out.copy_(stacked.transpose(1, 2))

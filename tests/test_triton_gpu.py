@@ -71,17 +71,23 @@ def test_16bit_bucket_step_matches_float64(shape, rank, dtype, steps_before):
 @pytest.mark.parametrize("shape, rank", SHAPES[:3])
 @pytest.mark.parametrize("float32_precision", ["highest", "high"], indirect=True)
 def test_float32_bucket_step_follows_matmul_precision(shape, rank, float32_precision):
+    errs, m_errs = float32_step_errors(shape, rank)
+    if float32_precision == "highest":  # IEEE fp32 dot
+        assert max(errs) <= 1e-5 and max(m_errs) <= 1e-5, (errs, m_errs)
+    else:  # TF32: clearly worse than IEEE, clearly better than nothing
+        assert max(errs) <= TF32_TOL and 1e-6 < max(m_errs) <= TF32_TOL, (errs, m_errs)
+
+
+def float32_step_errors(shape, rank) -> tuple[list, list]:
+    """(update errors, first-moment errors) against float64 of one step of a bucket of two float32
+    weights, at whatever float32 matmul precision torch is set to."""
     side = "left" if shape[0] < shape[1] else "right"
     b = make_bucket(shape, rank, side, torch.float32, batch=2, steps_before=3, seed=rank, device="cuda")
     old = to_cpu(b)
     expected_w, expected_m, _ = bucket_step64(old, 0.1, 0.0)
     run_bucket_cuda(b, 0.1, 0.0)
     errs = [update_error(b.params[i].cpu(), old.params[i], expected_w[i]) for i in range(2)]
-    m_errs = [relative_error(b.exp_avgs[i].cpu(), expected_m[i]) for i in range(2)]
-    if float32_precision == "highest":  # IEEE fp32 dot
-        assert max(errs) <= 1e-5 and max(m_errs) <= 1e-5, (errs, m_errs)
-    else:  # TF32: clearly worse than IEEE, clearly better than nothing
-        assert max(errs) <= TF32_TOL and 1e-6 < max(m_errs) <= TF32_TOL, (errs, m_errs)
+    return errs, [relative_error(b.exp_avgs[i].cpu(), expected_m[i]) for i in range(2)]
 
 
 # Thin single matrices: fewer projection tiles than SMs, so the reduction is split and R reaches the

@@ -14,7 +14,7 @@ from torch import nn
 
 from galore_kernels import GaLoreAdamW
 from test_triton_gpu import (SHAPES, TF32_TOL, _restore_float32_precision, assert_graph_replay_equals_eager,  # noqa: F401
-                             run_bucket_cuda, to_cpu)
+                             float32_step_errors, run_bucket_cuda, to_cpu)
 from triton_parity import (CONTROL_FACTOR, MOMENT_TOL, UPDATE_TOL, bucket_step64, bucket_step_torch, make_bucket,
                            record_tma_decisions, relative_error, update_error)
 
@@ -55,13 +55,7 @@ def test_tma_operand_loads_with_tf32(monkeypatch, shape, rank):
     torch.set_float32_matmul_precision("high")
     decisions = record_tma_decisions(monkeypatch)
     monkeypatch.setenv("GALORE_KERNELS_GEMM_CONFIG", "64,128,32,4,3,1")
-    side = "left" if shape[0] < shape[1] else "right"
-    b = make_bucket(shape, rank, side, torch.float32, batch=2, steps_before=3, seed=rank, device="cuda")
-    old = to_cpu(b)
-    expected_w, expected_m, _ = bucket_step64(old, 0.1, 0.0)
-    run_bucket_cuda(b, 0.1, 0.0)
-    errs = [update_error(b.params[i].cpu(), old.params[i], expected_w[i]) for i in range(2)]
-    m_errs = [relative_error(b.exp_avgs[i].cpu(), expected_m[i]) for i in range(2)]
+    errs, m_errs = float32_step_errors(shape, rank)
     assert max(errs) <= TF32_TOL and max(m_errs) <= TF32_TOL, (errs, m_errs)
     assert decisions and all(decisions), decisions  # 1024 and 2736 float32 rows, rank 256: 16-byte multiples
 

@@ -29,6 +29,24 @@ def run_bucket(b, lr, weight_decay, rounding_seeds=None):
     return steps
 
 
+def step_and_check_against_float64(b, weight_decay=0.1):
+    """Steps bucket ``b`` and checks it against float64 with the kernels' operand rounding: each
+    weight's update within CONTROL_FACTOR times the same-precision torch control's error plus
+    UPDATE_TOL, the moments within MOMENT_TOL. Returns (the bucket before the step, the step counts)."""
+    dtype = b.params[0].dtype
+    old = b.clone()
+    expected_w, expected_m, expected_v = bucket_step64(old, LR, weight_decay)
+    control = bucket_step_torch(old, LR, weight_decay)
+    steps = run_bucket(b, LR, weight_decay)
+    for i in range(len(b.params)):
+        err = update_error(b.params[i], old.params[i], expected_w[i])
+        control_err = update_error(control[i], old.params[i], expected_w[i])
+        assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[dtype], (i, err, control_err)
+        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
+        assert relative_error(b.exp_avg_sqs[i], expected_v[i]) <= MOMENT_TOL[dtype]
+    return old, steps
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rank", [8, 16])
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -38,17 +56,9 @@ def run_bucket(b, lr, weight_decay, rounding_seeds=None):
 def test_galore_bucket_step_matches_float64(shape, rank, side, dtype, weight_decay, steps_before):
     seed = zlib.crc32(repr((shape, rank, side, dtype, weight_decay, steps_before)).encode())
     b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=steps_before, seed=seed)
-    old = b.clone()
-    expected_w, expected_m, expected_v = bucket_step64(old, LR, weight_decay)
-    control = bucket_step_torch(old, LR, weight_decay)
-    steps = run_bucket(b, LR, weight_decay)
+    _, steps = step_and_check_against_float64(b, weight_decay)
     assert steps.tolist() == [steps_before + 1] * 2
     for i in range(2):
-        err = update_error(b.params[i], old.params[i], expected_w[i])
-        control_err = update_error(control[i], old.params[i], expected_w[i])
-        assert err <= CONTROL_FACTOR * control_err + UPDATE_TOL[dtype], (i, err, control_err)
-        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
-        assert relative_error(b.exp_avg_sqs[i], expected_v[i]) <= MOMENT_TOL[dtype]
         assert b.params[i].dtype == dtype and torch.isfinite(b.params[i]).all()
 
 
@@ -308,15 +318,7 @@ def test_tma_operand_loads_match_float64(monkeypatch, shape, rank, takes_tma, si
     for i in range(2):
         g, p = b.grads[i].double(), bases[i].double()
         assert relative_error(lowrank[i], p.T @ g if side == "left" else g @ p.T) <= 1e-6
-    b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=seed)
-    old = b.clone()
-    expected_w, expected_m, _ = bucket_step64(old, LR, 0.1)
-    control = bucket_step_torch(old, LR, 0.1)
-    run_bucket(b, LR, 0.1)
-    for i in range(2):
-        err = update_error(b.params[i], old.params[i], expected_w[i])
-        assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[dtype]
-        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
+    step_and_check_against_float64(make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=seed))
     assert decisions and all(d == takes_tma for d in decisions), decisions
 
 
@@ -372,15 +374,7 @@ def test_split_projection_step_matches_float64_and_its_summed_r(monkeypatch, sha
     monkeypatch.setenv("GALORE_KERNELS_PROJECT_CONFIG", SPLIT_CONFIG)
     poisoned_partials(monkeypatch)
     b = make_bucket(shape, rank, side, dtype, batch=2, steps_before=5, seed=zlib.crc32(repr(("step", shape)).encode()))
-    old = b.clone()
-    expected_w, expected_m, expected_v = bucket_step64(old, LR, 0.1)
-    control = bucket_step_torch(old, LR, 0.1)
-    run_bucket(b, LR, 0.1)
-    for i in range(2):
-        err = update_error(b.params[i], old.params[i], expected_w[i])
-        assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[dtype]
-        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[dtype]
-        assert relative_error(b.exp_avg_sqs[i], expected_v[i]) <= MOMENT_TOL[dtype]
+    old, _ = step_and_check_against_float64(b)
     # The same step with R summed outside the Adam kernel.
     again = old.clone()
     lowrank, nonfinite = lowrank_project_triton(again.grads, again.bases, side, rank)
@@ -440,14 +434,7 @@ def test_automatic_split_count_runs_end_to_end(monkeypatch):
     b = make_bucket((160, 48), 8, "left", torch.bfloat16, batch=2, steps_before=3, seed=31)
     partials, _ = project_partials_triton(b.grads, b.bases, "left", 8)
     assert partials.shape[:2] == (2, 3)
-    old = b.clone()
-    expected_w, expected_m, _ = bucket_step64(old, LR, 0.1)
-    control = bucket_step_torch(old, LR, 0.1)
-    run_bucket(b, LR, 0.1)
-    for i in range(2):
-        err = update_error(b.params[i], old.params[i], expected_w[i])
-        assert err <= CONTROL_FACTOR * update_error(control[i], old.params[i], expected_w[i]) + UPDATE_TOL[torch.bfloat16]
-        assert relative_error(b.exp_avgs[i], expected_m[i]) <= MOMENT_TOL[torch.bfloat16]
+    step_and_check_against_float64(b)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -35,7 +35,8 @@ PROJECT_INTS = ("out_batch_stride", "split_stride", "split_steps", "M", "N", "K"
 def compile_kernel(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages,
+                                                              "enable_fp_fusion": utils.FP_FUSION})
     assert len(compiled.asm["cubin"]) > 0
     return compiled
 
@@ -171,7 +172,8 @@ def _ptx(kernel, signature: dict, constexprs: dict, divisible: tuple, num_warps=
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible}
     full = {k: signature.get(k, "constexpr") for k in names}
     source = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": utils.FP_FUSION}
+    return triton.compile(source, target=TARGET, options=options).asm["ptx"]
 
 
 def _copy_widths(ptx: str) -> set:
@@ -375,3 +377,24 @@ def test_prefetch_setting_is_checked(monkeypatch):
     monkeypatch.setenv(utils.PREFETCH_ENV, "yes")
     with pytest.raises(ValueError, match=utils.PREFETCH_ENV):
         utils.prefetch_weight(cfg, 2)
+
+
+def test_every_launch_pins_floating_point_contraction(monkeypatch):
+    """Triton's default for FMA contraction changes in 3.10: each launcher passes it explicitly, so
+    a step's bits do not depend on the Triton version. The launches are recorded, not run."""
+    from galore_kernels.triton_ops.step import dense_adamw_step_triton, galore_adamw_step_triton
+    from triton_parity import HP, make_bucket
+
+    launches = []
+    for kernel in (project._lowrank_project_kernel, adam._adam_kernel, back_apply._back_apply_kernel,
+                   nonfinite._nonfinite_kernel):
+        monkeypatch.setattr(kernel, "run", lambda *args, kernel=kernel, **kwargs: launches.append((kernel, kwargs)))
+    b = make_bucket((48, 80), 8, "left", torch.bfloat16, batch=2, steps_before=1, seed=3)
+    steps, lr = torch.ones(2, dtype=torch.int32), torch.tensor([0.1])
+    galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps, lr, side="left",
+                             weight_decay=0.0, **HP)
+    dense_adamw_step_triton(b.params, b.grads, [torch.zeros(48, 80)] * 2, [torch.zeros(48, 80)] * 2, steps, lr,
+                            beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert {kernel for kernel, _ in launches} == {project._lowrank_project_kernel, adam._adam_kernel,
+                                                  back_apply._back_apply_kernel, nonfinite._nonfinite_kernel}
+    assert all(kwargs.get("enable_fp_fusion") is utils.FP_FUSION for _, kwargs in launches), launches

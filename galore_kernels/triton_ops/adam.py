@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (ALIGNMENT, ELEMENTWISE_WARPS, TORCH_TO_TL, check_stacked, elementwise_block, interpreter_workarounds,
-                    load_pointer, pointer_table, random_seeds, round_weight, rounding_key, stacked_scratch,
-                    stacked_table, stochastic_bf16, to_dtype)
+from .utils import (ALIGNMENT, ELEMENTWISE_WARPS, FP_FUSION, TORCH_TO_TL, check_stacked, elementwise_block,
+                    interpreter_workarounds, load_pointer, pointer_table, random_seeds, round_weight, rounding_key,
+                    stacked_scratch, stacked_table, stochastic_bf16, to_dtype)
 
 
 @triton.jit
@@ -124,6 +124,7 @@ def _launch(grad_table, exp_avgs, exp_avg_sqs, out_table, steps, lr, nonfinite, 
         _log(beta2), eps, weight_decay, scale,
         GRAD_DTYPE=TORCH_TO_TL[grad_dtype], SPLITS=splits, STATE_DTYPE=TORCH_TO_TL[exp_avgs[0].dtype], OUT_DTYPE=TORCH_TO_TL[out_dtype], DENSE=dense,
         CORRECT_BIAS=correct_bias, STOCHASTIC=bool(stochastic), INTERPRETER=interpreter_workarounds(), BLOCK=block, num_warps=ELEMENTWISE_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )
 
 

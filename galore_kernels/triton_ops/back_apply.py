@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, k_major_operands, load_pointer,
-                    pointer_table, prefetch_weight, random_seeds, round_weight, stacked_table, tile_product,
-                    tile_product_tma, tma_ready, transposed_stack)
+from .utils import (FP_FUSION, TORCH_TO_TL, dot_precision, gemm_config, interpreter_workarounds, k_major_operands,
+                    load_pointer, pointer_table, prefetch_weight, random_seeds, round_weight, stacked_table,
+                    tile_product, tile_product_tma, tma_ready, transposed_stack)
 
 
 @triton.jit
@@ -125,5 +125,5 @@ def back_apply_triton(
         STOCHASTIC=stochastic, INTERPRETER=interpreter_workarounds(), TMA=tma, B_K_MAJOR=b_k_major,
         PREFETCH_W=prefetch_weight(cfg, params[0].element_size()),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import ELEMENTWISE_WARPS, TORCH_TO_TL, elementwise_block, load_pointer, pointer_table
+from .utils import ELEMENTWISE_WARPS, FP_FUSION, TORCH_TO_TL, elementwise_block, load_pointer, pointer_table
 
 
 @triton.jit
@@ -38,5 +38,6 @@ def nonfinite_flags_triton(tensors: Sequence[Tensor]) -> Tensor:  # (B,) int32
     block = elementwise_block()
     grid = (triton.cdiv(numel, block), len(tensors))
     _nonfinite_kernel[grid](pointer_table(tensors, device), flags, numel,
-                            DTYPE=TORCH_TO_TL[tensors[0].dtype], BLOCK=block, num_warps=ELEMENTWISE_WARPS)
+                            DTYPE=TORCH_TO_TL[tensors[0].dtype], BLOCK=block, num_warps=ELEMENTWISE_WARPS,
+                            enable_fp_fusion=FP_FUSION)
     return flags

@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds, k_major_operands,
-                    load_pointer, partials_scratch, pointer_table, project_splits, stacked_scratch, stacked_table,
-                    tile_product, tile_product_tma, tma_ready, transposed_stack)
+from .utils import (FP_FUSION, TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds,
+                    k_major_operands, load_pointer, partials_scratch, pointer_table, project_splits, stacked_scratch,
+                    stacked_table, tile_product, tile_product_tma, tma_ready, transposed_stack)
 
 FLT_MAX = torch.finfo(torch.float32).max
 
@@ -150,7 +150,7 @@ def project_partials_triton(
         PRECISION=dot_precision(dtype), INTERPRETER=interpreter_workarounds(), RANK_ON_M=side == "left",
         A_K_MAJOR=a_k_major, TMA=tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
     return partials, nonfinite
 

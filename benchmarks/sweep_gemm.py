@@ -52,8 +52,10 @@ CANDIDATES = {
               "128,64,64,4,3", "64,64,64,4,3", "64,128,64,4,4", "128,128,32,4,4", "256,128,64,8,3",
               "64,128,64,4,3,1", "128,128,64,8,3,1", "128,128,64,8,4,1", "128,256,64,8,3,1", "256,128,64,8,3,1",
               "64,256,64,4,3,1"],
+    # Single-stage float32 tiles load G in 16-byte vectors into registers and transpose it on its way
+    # into shared memory; pipelined ones (cp.async) copy TF32's transposed G 4 bytes at a time.
     "fp32": ["64,128,32,4,3", "64,64,32,4,3", "128,128,32,8,3", "128,64,32,4,3", "64,128,32,4,4",
-             "64,128,32,4,3,1", "128,128,32,8,3,1", "64,64,32,4,4,1"],
+             "64,128,32,4,1", "128,128,32,8,1", "64,128,32,4,3,1", "128,128,32,8,3,1", "64,64,32,4,4,1"],
 }
 # The projection alone: its reduction split in a fixed number of parts (R is thin: few output tiles).
 PROJECT_CANDIDATES = {

@@ -111,8 +111,7 @@ class GraphedStep:
 
     def _steady_steps(self) -> float:
         opt = self.optimizer
-        return min((opt.steps_until_refresh(p) for g in opt.param_groups for p in g["params"] if p.grad is not None),
-                   default=0)
+        return opt._steady_steps(p for g in opt.param_groups for p in g["params"])
 
     def _grad_pointers(self) -> tuple:
         """The storage of every parameter and gradient (a parameter given new storage, ``p.data = ...``,

@@ -206,7 +206,7 @@ class GaLoreAdamW(Optimizer):
             if all("step" in state for state in states):
                 self._plans[id(group)] = _StepPlan(
                     self._state_version, _plan_settings(group), self._grad_pointers(group), buckets, singles,
-                    self._steady_steps(group), states, tuple(state["step"] for state in states))
+                    self._steady_steps(group["params"]), states, tuple(state["step"] for state in states))
 
     def _reusable_plan(self, group: dict) -> Optional["_StepPlan"]:
         """The group's last layout, if this step is steady like the last: no refresh due, the same
@@ -230,10 +230,11 @@ class GaLoreAdamW(Optimizer):
                       (p.data_ptr() | g.data_ptr()) & 15)
                      for p in group["params"])
 
-    def _steady_steps(self, group: dict) -> float:
-        """How many coming steps of the group refresh nothing (0: the next one does)."""
-        return min((self.steps_until_refresh(p) for p in group["params"] if p.grad is not None and p in self.state),
-                   default=0)
+    def _steady_steps(self, params: Iterable[Tensor]) -> float:
+        """How many coming steps of ``params`` (those with a gradient) refresh nothing (0: the next
+        one does, or none has a gradient). A bucket layout (here) or a captured CUDA graph
+        (graphs.GraphedStep) serves that many steps."""
+        return min((self.steps_until_refresh(p) for p in params if p.grad is not None), default=0)
 
     def _bucket_layout(self, group: dict) -> tuple[list, list]:
         """([(side, device, params)] of the bucket launches, [the parameters stepped one at a time]).

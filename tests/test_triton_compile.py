@@ -32,6 +32,12 @@ PROJECT_INTS = ("out_batch_stride", "split_stride", "split_steps", "M", "N", "K"
                 "stride_bn")
 
 
+# The back-projection's runtime arguments.
+BACK_APPLY_SIGNATURE = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32",
+                        "nonfinite_ptr": "*i32", "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32",
+                        "K": "i32", "weight_decay": "fp32"}
+
+
 def compile_kernel(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
@@ -84,12 +90,11 @@ def test_project_kernel_compiles(side, config, dtype, precision, basis):
 def test_back_apply_kernel_compiles(side, config, dtype, precision, basis, stochastic):
     cfg = DEVICE_CONFIGS["back_apply"][config]  # N is always in the parameters' dtype
     a_dtype, b_dtype = (basis, dtype) if side == "left" else (dtype, basis)
-    signature = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-                 "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    signature = BACK_APPLY_SIGNATURE
     compile_kernel(back_apply._back_apply_kernel, signature, dict(
         A_DTYPE=utils.TORCH_TO_TL[a_dtype], B_DTYPE=utils.TORCH_TO_TL[b_dtype], W_DTYPE=utils.TORCH_TO_TL[dtype],
         OPERAND=utils.TORCH_TO_TL[dtype], PRECISION=precision, STOCHASTIC=stochastic, INTERPRETER=False, TMA=False,
-        B_K_MAJOR=precision == "tf32", PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()),
+        B_K_MAJOR=precision == "tf32", PREFETCH_W=utils.prefetch_weight(cfg, dtype.itemsize),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -200,17 +205,15 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
            "finite_bound": "fp32", **{k: "i32" for k in PROJECT_INTS if k not in layout}}
     project_ptx = _ptx(project._lowrank_project_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=tma,
-        RANK_ON_M=side == "left", A_K_MAJOR=a_k_major, **layout, **tiles), tuple(k for k in sig if k not in ("split_steps", "finite_bound")),
-        cfg.num_warps,
-        cfg.num_stages)
+        RANK_ON_M=side == "left", A_K_MAJOR=a_k_major, **layout, **tiles),
+        tuple(k for k in sig if k not in ("split_steps", "finite_bound")), cfg.num_warps, cfg.num_stages)
     cfg = DEVICE_CONFIGS["back_apply"][config]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    sig = BACK_APPLY_SIGNATURE
     back_ptx = _ptx(back_apply._back_apply_kernel, sig, dict(
         A_DTYPE=operand, B_DTYPE=operand, W_DTYPE=operand, OPERAND=operand, PRECISION=precision, STOCHASTIC=False,
         INTERPRETER=False, TMA=tma, B_K_MAJOR=precision == "tf32",
-        PREFETCH_W=utils.prefetch_weight(cfg, torch.empty((), dtype=dtype).element_size()), **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
+        PREFETCH_W=utils.prefetch_weight(cfg, dtype.itemsize), **tiles), tuple(k for k in sig if k != "weight_decay"), cfg.num_warps, cfg.num_stages)
     return {"project": project_ptx, "back_apply": back_ptx}
 
 
@@ -242,8 +245,7 @@ def test_16bit_operands_reach_the_tensor_cores_without_conversion():
     epilogue; with float32 operands every tile would go through registers to be converted."""
     cfg = DEVICE_CONFIGS["back_apply"]["wide_16bit"]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    sig = BACK_APPLY_SIGNATURE
     divisible = ("a_table", "b_table", "w_table", "lr_ptr", "nonfinite_ptr", "seeds_ptr", "steps_ptr", "M", "N", "K")
     conversions = {}
     for operand in (tl.float32, tl.bfloat16):
@@ -357,8 +359,7 @@ def test_back_projection_loads_its_weight_tile_before_the_gemm_loop():
     assert utils.prefetch_weight(cfg, 2) and not utils.prefetch_weight(cfg, 4)
     assert not utils.prefetch_weight(utils.GemmConfig(128, 128, 64, 8, 3), 2)  # would halve the CTAs per SM
     assert not utils.prefetch_weight(DEVICE_CONFIGS["back_apply"]["square_fp32"], 4)  # 4 -> 3 CTAs per SM
-    sig = {"a_table": "*i64", "b_table": "*i64", "w_table": "*i64", "lr_ptr": "*fp32", "nonfinite_ptr": "*i32",
-           "seeds_ptr": "*i64", "steps_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "weight_decay": "fp32"}
+    sig = BACK_APPLY_SIGNATURE
     first = {}
     for prefetch in (True, False):
         ptx = _ptx(back_apply._back_apply_kernel, sig, dict(

@@ -163,7 +163,6 @@ def projection_launch(m: int, n: int, rank: int, side: str, dtype=torch.bfloat16
     steps a bucket of ``batch`` (m, n) weights: what project_partials_triton decides."""
     from galore_kernels.triton_ops import project, utils
 
-    (M, N, K), _, _ = project.project_operands(side, (m, n), rank)
-    cfg = utils.gemm_config("project", M, N, dtype, batch)
-    programs = utils.cdiv(M, cfg.block_m) * utils.cdiv(N, cfg.block_n) * batch
-    return (programs, utils.cdiv(K, cfg.block_k), *utils.project_splits(cfg, programs, K))
+    cfg, tiles, per_split, splits = project.projection_launch(side, (m, n), rank, dtype, batch)
+    reduction = m if side == "left" else n
+    return tiles * batch, utils.cdiv(reduction, cfg.block_k), per_split, splits

@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (FP_FUSION, TORCH_TO_TL, check_stacked, dot_precision, gemm_config, interpreter_workarounds,
-                    k_major_operands, load_pointer, partials_scratch, pointer_table, project_splits, stacked_scratch,
-                    stacked_table, tile_product, tile_product_tma, tma_ready, transposed_stack)
+from .utils import (FP_FUSION, TORCH_TO_TL, GemmConfig, check_stacked, dot_precision, gemm_config,
+                    interpreter_workarounds, k_major_operands, load_pointer, partials_scratch, pointer_table,
+                    project_splits, stacked_scratch, stacked_table, tile_product, tile_product_tma, tma_ready,
+                    transposed_stack)
 
 FLT_MAX = torch.finfo(torch.float32).max
 
@@ -109,6 +110,16 @@ def project_operands(side: str, shape: tuple[int, int], rank: int) -> tuple[tupl
     raise ValueError(f"side={side!r}: the Triton projection runs 'left' or 'right' ('full' stays on the reference)")
 
 
+def projection_launch(side: str, shape: tuple[int, int], rank: int, dtype: torch.dtype,
+                      batch: int) -> tuple[GemmConfig, int, int, int]:
+    """(tile configuration, output tiles per matrix, K steps per split, splits) of the projection
+    launch for a bucket of ``batch`` (m, n) gradients of ``dtype``."""
+    (M, N, K), _, _ = project_operands(side, shape, rank)
+    cfg = gemm_config("project", M, N, dtype, batch)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    return (cfg, tiles, *project_splits(cfg, tiles * batch, K))
+
+
 def project_partials_triton(
     grads: Sequence[Tensor],  # B x (m, n), one dtype
     bases: Sequence[Tensor],  # B x (m, r) for left, B x (r, n) for right; float32 or the gradients' dtype
@@ -123,9 +134,7 @@ def project_partials_triton(
     (M, N, K), (sam, sak), (sbk, sbn) = project_operands(side, tuple(grads[0].shape), rank)
     if out is not None:
         check_stacked("out", out, (batch, M, N))
-    cfg = gemm_config("project", M, N, dtype, batch)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    split_steps, splits = project_splits(cfg, tiles * batch, K)
+    cfg, tiles, split_steps, splits = projection_launch(side, tuple(grads[0].shape), rank, dtype, batch)
     if splits > 1:
         partials = partials_scratch(batch, splits, M, N, device)
     else:

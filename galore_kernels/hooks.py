@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, sharded
 from .projection import check_proj_type, check_rank, check_update_proj_gap, effective_rank, projection_side
 from .subspace import METHODS, projection_bases, refresh_generator
 
@@ -26,6 +26,10 @@ class GradientProjectionHook:
                  backend: str = "auto"):
         if param.dim() != 2:
             raise ValueError(f"project_gradient_hook needs a 2-D parameter, got shape {tuple(param.shape)}.")
+        if sharded.is_dtensor(param):
+            raise ValueError(
+                f"project_gradient_hook: the parameter of shape {tuple(param.shape)} is a DTensor (FSDP2); gradient "
+                "filtering hooks do not support sharded parameters. Use GaLoreAdamW, which steps them on their rows.")
         check_rank(rank)
         check_proj_type(proj_type)
         if svd not in METHODS:

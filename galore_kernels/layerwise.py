@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import sharded
 from .optimizer import GaLoreAdamW
 
 OPTIMIZERS = ("galore_adamw",)
@@ -64,6 +65,11 @@ def attach_layerwise(
             "or use the standard GaLoreAdamW with the scaler."
         )
     opt = GaLoreAdamW(param_groups, lr=lr, **optimizer_kwargs)
+    if any(sharded.is_dtensor(p) for group in opt.param_groups for p in group["params"]):
+        raise ValueError(
+            "attach_layerwise: the parameters include DTensors (FSDP2's fully_shard); layer-wise mode does not "
+            "step sharded parameters (its hooks would run collectives inside backward). Use GaLoreAdamW with "
+            "optimizer.step() after backward: it steps FSDP2-sharded parameters on their local rows.")
     return LayerwiseHandle(model, opt, grad_accumulation_steps, max_grad_norm, lr_lambda)
 
 

@@ -28,6 +28,8 @@ Backends (``backend=``): ``reference`` (PyTorch, any device) or ``triton`` (fuse
 CPU under ``TRITON_INTERPRET=1`` for tests); ``auto`` takes Triton for CUDA tensors. On Triton,
 same-shape parameters of a group are stepped by one set of launches, and ``lr`` may be a float32
 device tensor (read by the kernels, so a scheduler's in-place update reaches a CUDA graph replay).
+- FSDP2-sharded parameters (DTensors split on their rows, ``Shard(0)``) are stepped on each rank's
+  rows without gathering a gradient (``galore_kernels.sharded``); their state is DTensors.
 - A rank above ``min(m, n)`` is clamped with a warning; a non-2-D parameter in a GaLore group, an
   unknown ``proj_type`` or a rank < 1 is an error that names the parameter.
 """
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import dispatch
+from . import dispatch, sharded
 from .projection import check_proj_type, check_rank, check_update_proj_gap, effective_rank, projection_side
 from .subspace import METHODS, projection_bases, randomized_bases_batched, refresh_generator, rounding_seed
 
@@ -123,6 +125,9 @@ class GaLoreAdamW(Optimizer):
         self._state_version = 0  # bumped whenever state tensors are created, replaced or loaded
         self._plans: dict[int, _StepPlan] = {}  # id(group) -> its last steady step's layout
         self._prepared: dict[tuple, tuple] = {}  # bucket key -> (state version, states, moments, bases)
+        self._splits: dict[int, Optional[sharded.RowSplit]] = {}  # id(p) -> how its rows are split (DTensors)
+        self._finite_this_step: dict[int, bool] = {}  # id(p) -> sharded gradient finite on every rank (step())
+        self._has_sharded = False  # any DTensor parameter (set by add_param_group)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed,
                         state_dtype=check_state_dtype(state_dtype, "state_dtype"), stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
@@ -141,6 +146,9 @@ class GaLoreAdamW(Optimizer):
             _check_stochastic_rounding(group, where)
             if "rank" in group:
                 _complete_galore_group(group, len(self.param_groups) - 1)
+            for p in group["params"]:  # an unsupported DTensor layout fails here, not at the first step
+                sharded.row_split(p, f"{where}: a parameter of shape {tuple(p.shape)}")
+            self._has_sharded = self._has_sharded or any(map(sharded.is_dtensor, group["params"]))
         except Exception:
             self.param_groups.pop()
             raise
@@ -178,6 +186,7 @@ class GaLoreAdamW(Optimizer):
         finally:
             self._refreshed_this_step.clear()
             self._due_this_step.clear()
+            self._finite_this_step.clear()
             self._reported_this_step = False
         return loss
 
@@ -187,6 +196,7 @@ class GaLoreAdamW(Optimizer):
         and state as the last one) reuses the last step's bucket layout instead of re-deciding it
         parameter by parameter: on a model of a few hundred tensors that decision is most of the
         step's host time."""
+        self._check_sharded_grads(group)
         plan = self._reusable_plan(group)
         if plan is None:
             self._refresh_batched(group)
@@ -208,6 +218,20 @@ class GaLoreAdamW(Optimizer):
                     self._state_version, _plan_settings(group), self._grad_pointers(group), buckets, singles,
                     self._steady_steps(group["params"]), states, tuple(state["step"] for state in states))
 
+    def _check_sharded_grads(self, group: dict) -> None:
+        """Whether each sharded gradient of the group is finite on every rank: one all-reduce per
+        process group for the whole param group, instead of one per parameter (check_finite reads it)."""
+        if not self._has_sharded:
+            return
+        by_group: dict[int, tuple] = {}
+        for p in group["params"]:
+            split = self.row_split(p) if p.grad is not None else None
+            if split is not None:
+                by_group.setdefault(id(split.group), (split, []))[1].append(p)
+        for split, params in by_group.values():
+            flags = split.all_finite_each([sharded.local(p.grad) for p in params])
+            self._finite_this_step.update(zip(map(id, params), flags))
+
     def _reusable_plan(self, group: dict) -> Optional["_StepPlan"]:
         """The group's last layout, if this step is steady like the last: no refresh due, the same
         settings, gradients and state, and no step counted since by anything else (a CUDA graph
@@ -226,6 +250,7 @@ class GaLoreAdamW(Optimizer):
         16-byte aligned). New gradient tensors each step (zero_grad(set_to_none=True)) keep it."""
         return tuple(None if (g := p.grad) is None else
                      ("sparse",) if g.is_sparse else
+                     ("dtensor", p.shape, p.dtype, g.dtype) if sharded.is_dtensor(p) else
                      (p.shape, p.dtype, g.dtype, p.is_contiguous() and g.is_contiguous(),
                       (p.data_ptr() | g.data_ptr()) & 15)
                      for p in group["params"])
@@ -260,7 +285,7 @@ class GaLoreAdamW(Optimizer):
         """Whether ``p`` is stepped by a bucket launch this step: a bucket backend whose kernels take
         its tensors, and no refresh (or a batched one done already) for a projected parameter."""
         backend, grad, side = self._step_backend(p), p.grad, self.side(p)
-        if backend.galore_bucket is None or grad.is_sparse or not backend.fits(p, grad):
+        if backend.galore_bucket is None or grad.is_sparse or sharded.is_dtensor(p) or not backend.fits(p, grad):
             return False
         if side is None:
             return True
@@ -430,7 +455,11 @@ class GaLoreAdamW(Optimizer):
         if self.prepare(p, grad) is False:
             return False
         tensors, scalars = self._advance(p)
-        self._step_backend(p).step(p, grad, *tensors, **scalars)
+        split = self.row_split(p)
+        if split is None:
+            self._step_backend(p).step(p, grad, *tensors, **scalars)
+        else:
+            sharded.step(self._step_backend(p), p, grad, tensors, scalars, split)
         return True
 
     # Layer-wise mode drives a step in pieces: prepare (checks, refresh), project, update_from_lowrank.
@@ -446,6 +475,8 @@ class GaLoreAdamW(Optimizer):
                 f"GaLoreAdamW got a sparse gradient for parameter #{index} (shape {tuple(p.shape)}); "
                 "it supports dense gradients only (e.g. nn.Embedding(..., sparse=False))."
             )
+        if self.row_split(p) is not None:
+            sharded.check_grad(grad, p, f"GaLoreAdamW parameter #{index} (shape {tuple(p.shape)})")
         refreshed = id(p) in self._refreshed_this_step  # a batched refresh checked this gradient already
         if not refreshed and not self.check_finite(p, grad):
             return False
@@ -458,16 +489,23 @@ class GaLoreAdamW(Optimizer):
     def project(self, p: Tensor, grad: Tensor) -> Tensor:
         """The projected gradient of ``p`` (float32) under its current basis; the full one if plain."""
         side = self.side(p)
+        split = self.row_split(p)
         if side is None:
+            grad = sharded.local(grad)
             return grad if grad.dtype == torch.float32 else grad.float()
-        state = self.state[p]
-        return self._step_backend(p).project(grad, state.get("proj_left"), state.get("proj_right"), side)
+        state, backend = self.state[p], self._step_backend(p)
+        if split is not None:
+            return sharded.project(backend, grad, state.get("proj_left"), state.get("proj_right"), side, split)
+        return backend.project(grad, state.get("proj_left"), state.get("proj_right"), side)
 
     @torch.no_grad()
     def update_from_lowrank(self, p: Tensor, lowrank_grad: Tensor) -> None:
         """Adam on an already projected gradient, back-projection and apply (after ``prepare``)."""
         tensors, scalars = self._advance(p)
-        self._step_backend(p).update(p, lowrank_grad, *tensors, **scalars)
+        if self.row_split(p) is None:
+            self._step_backend(p).update(p, lowrank_grad, *tensors, **scalars)
+        else:
+            sharded.update(self._step_backend(p), p, lowrank_grad, tensors, scalars)
 
     def _advance(self, p: Tensor) -> tuple[tuple, dict]:
         """Counts the step and returns the backend's state tensors and per-step scalars."""
@@ -544,8 +582,15 @@ class GaLoreAdamW(Optimizer):
         )
 
     def check_finite(self, p: Tensor, grad: Tensor) -> bool:
-        """False (and one warning per parameter) when ``grad`` holds NaN or Inf."""
-        if bool(torch.isfinite(grad).all()):
+        """False (and one warning per parameter) when ``grad`` holds NaN or Inf (on any rank, for a
+        sharded parameter: every rank skips together)."""
+        split = self.row_split(p)
+        if split is None:
+            finite = bool(torch.isfinite(grad).all())
+        else:
+            finite = self._finite_this_step.get(id(p))  # step() checked the group's gradients at once
+            finite = split.all_finite_each([sharded.local(grad)])[0] if finite is None else finite
+        if finite:
             return True
         index, _, _ = self.param_info(p)
         self._warn_nonfinite(index, p, f"at step {self.state.get(p, {}).get('step', 0)}")
@@ -569,6 +614,13 @@ class GaLoreAdamW(Optimizer):
             backend = self._backends[p.device] = dispatch.step_backend(self.backend, p.device)
         return backend
 
+    def row_split(self, p: Tensor) -> Optional[sharded.RowSplit]:
+        """How a DTensor parameter's rows are split across ranks (FSDP2); None for a plain tensor."""
+        if id(p) not in self._splits:
+            index = self.param_info(p)[0]
+            self._splits[id(p)] = sharded.row_split(p, f"GaLoreAdamW parameter #{index} (shape {tuple(p.shape)})")
+        return self._splits[id(p)]
+
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if "step" in state:
@@ -578,8 +630,15 @@ class GaLoreAdamW(Optimizer):
         side = self.side(p)
         shape = tuple(p.shape) if side is None else lowrank_shape(tuple(p.shape), _rank(group, p), side)
         dtype = STATE_DTYPES[group["state_dtype"]]
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        split = self.row_split(p)
+        if split is None:
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        else:  # the moments' rows follow the weight's rows unless the projection is on the left
+            rows_split = side in (None, "right")
+            held = (sharded.local(p).shape[0], *shape[1:]) if rows_split else shape
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = split.dtensor(torch.zeros(held, dtype=dtype, device=p.device), rows_split, shape)
         if side is not None:
             state["refresh_count"] = 0
         return state
@@ -595,19 +654,32 @@ class GaLoreAdamW(Optimizer):
         generator = None
         if group["svd"] == "randomized":
             generator = refresh_generator(group["seed"], index, state["refresh_count"], grad.device)
-        left, right = projection_bases(
-            grad, self.param_rank(p), side, method=group["svd"], oversample=group["oversample"],
-            niter=group["niter"], generator=generator,
-            backend=dispatch.refresh_backend(self.refresh_backend, grad.device),
-        )
+        split = self.row_split(p)
+        if split is not None:
+            left, right = sharded.projection_bases(
+                sharded.local(grad), split, self.param_rank(p), side, method=group["svd"],
+                oversample=group["oversample"], niter=group["niter"], generator=generator)
+        else:
+            left, right = projection_bases(
+                grad, self.param_rank(p), side, method=group["svd"], oversample=group["oversample"],
+                niter=group["niter"], generator=generator,
+                backend=dispatch.refresh_backend(self.refresh_backend, grad.device),
+            )
         self._store_bases(p, group, state, {"proj_left": left, "proj_right": right})
 
     def _store_bases(self, p: Tensor, group: dict, state: dict, bases: dict) -> None:
         new = {key: basis.float() for key, basis in bases.items() if basis is not None}
+        split = self.row_split(p)
         if group["refresh_policy"] == "adaptive":
-            self._adapt_gap(group, state, new, self.param_info(p)[2])
+            self._adapt_gap(group, state, new, self.param_info(p)[2], split)
         dtype = basis_dtype(p, group)
-        state.update({key: basis.to(dtype) for key, basis in new.items()})
+        for key, basis in new.items():
+            basis = basis.to(dtype)
+            if split is not None:  # P's rows follow the weight's; Q is whole on every rank
+                rows_split = key == "proj_left"
+                shape = (p.shape[0], basis.shape[1]) if rows_split else tuple(basis.shape)
+                basis = split.dtensor(basis.contiguous(), rows_split, shape)
+            state[key] = basis
         state["refresh_count"] += 1
         self._state_version += 1
 
@@ -623,7 +695,7 @@ class GaLoreAdamW(Optimizer):
         buckets: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
             grad, side = p.grad, self.side(p)
-            if grad is None or grad.is_sparse or side == "full":
+            if grad is None or grad.is_sparse or side == "full" or sharded.is_dtensor(p):
                 continue
             due = self._due_this_step[id(p)] = self.refresh_due(p)
             if not due:
@@ -653,7 +725,8 @@ class GaLoreAdamW(Optimizer):
             self._store_bases(p, group, state, {key: basis})
             self._refreshed_this_step.add(id(p))
 
-    def _adapt_gap(self, group: dict, state: dict, new: dict, position: int) -> None:
+    def _adapt_gap(self, group: dict, state: dict, new: dict, position: int,
+                   split: Optional[sharded.RowSplit] = None) -> None:
         """Adaptive policy: double the gap while the refreshed subspace overlaps the old one by at
         least ``adaptive_overlap`` (||P_old^T P_new||_F^2 / r), halve it (down to update_proj_gap)
         when it moved more. The whole subspace is compared, not just its first vector, and the gap
@@ -664,7 +737,7 @@ class GaLoreAdamW(Optimizer):
             state["proj_gap"] = base
             state["next_refresh"] = state["step"] + base - refresh_phase(group, position)
             return
-        overlap = subspace_overlap(state, new)
+        overlap = subspace_overlap(state, new) if split is None else sharded.subspace_overlap(state, new, split)
         gap = state["proj_gap"]
         gap = min(2 * gap, longest) if overlap >= group["adaptive_overlap"] else max(gap // 2, base)
         state["proj_gap"] = gap

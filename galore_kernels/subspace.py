@@ -137,12 +137,22 @@ def gaussian_sketch(
     oversample: Optional[int],
     generator: Optional[torch.Generator],
 ) -> Tensor:  # (..., n, k) float32 with k = min(rank + oversample, min(m, n))
+    return sketch(tuple(A.shape), rank, oversample, generator, A.device)
+
+
+def sketch(
+    shape: tuple[int, ...],  # (..., m, n): the matrix the sketch multiplies
+    rank: int,
+    oversample: Optional[int],
+    generator: Optional[torch.Generator],
+    device: torch.device,
+) -> Tensor:  # (..., n, k) float32 Gaussian, k = min(rank + oversample, min(m, n))
+    """:func:`gaussian_sketch` from the matrix's shape alone (a row-sharded matrix's global shape)."""
     p = default_oversample(rank) if oversample is None else oversample
     if p < 0:
         raise ValueError(f"oversample={p} must be >= 0.")
-    k = min(rank + p, min(A.shape[-2:]))
-    shape = (*A.shape[:-2], A.shape[-1], k)
-    return torch.randn(shape, generator=generator, device=A.device, dtype=torch.float32)
+    k = min(rank + p, min(shape[-2:]))
+    return torch.randn((*shape[:-2], shape[-1], k), generator=generator, device=device, dtype=torch.float32)
 
 
 def refresh_seed(seed: int, param_index: int, refresh_count: int) -> int:

@@ -94,7 +94,7 @@ def test_native_op_is_bitwise_the_reference_on_cpu(niter):
     the entries where the one-pass power-iteration basis or CholeskyQR2 break down and fall back."""
     from galore_kernels.reference import randomized_basis_reference
 
-    from galore_kernels.reference.refresh import _PIVOT_TOL_FP32, _cholesky_qr_pass
+    from galore_kernels.reference.refresh import _PIVOT_TOL_FP32, LOCAL_ROWS, _cholesky_qr_pass
 
     G = known_spectrum(5, 96, 70)
     G[1] = 0.0  # zero gradient
@@ -107,7 +107,7 @@ def test_native_op_is_bitwise_the_reference_on_cpu(niter):
     V = torch.linalg.qr(torch.randn(70, 20, generator=gen, dtype=torch.float64))[0]
     G[4] = ((U * torch.logspace(0, -6, 20, dtype=torch.float64)) @ V.T).float()
     omega = torch.randn(5, 70, 20, generator=torch.Generator().manual_seed(5))
-    ok32 = _cholesky_qr_pass(G[4:] @ omega[4:], _PIVOT_TOL_FP32, torch.float32)[1]
+    ok32 = _cholesky_qr_pass(G[4:] @ omega[4:], _PIVOT_TOL_FP32, LOCAL_ROWS, torch.float32)[1]
     assert not bool(ok32.any())
     P_native = torch.ops.galore_kernels.randomized_basis(G, omega, 8, niter)
     P_ref = randomized_basis_reference(G, omega, 8, niter)

@@ -27,6 +27,11 @@ Gram matrices of the returned basis, Cholesky factors and the small ``k x k`` ei
 float64: they are tiny, and float64 keeps CholeskyQR2 stable up to a sketch condition number of about
 1e8 (float32 would stop near 1e3). The products with ``G`` and the ``m x k`` products with ``L^-T``
 stay in float32.
+
+Row-sharded matrices (FSDP2's ``Shard(0)``, ``galore_kernels.sharded``) run the same code: every sum
+over a tall matrix's rows (its Gram, ``Q^T A``) goes through a :class:`Rows` object, which for rows
+split across ranks adds the other ranks' partial sums. The result is the same on every rank, so the
+branches taken on it agree. :data:`LOCAL_ROWS` (all rows here) changes nothing: same ops, same bits.
 """
 from __future__ import annotations
 
@@ -46,50 +51,75 @@ _PIVOT_TOL = 1e-12
 _PIVOT_TOL_FP32 = 1e-6
 
 
+class Rows:
+    """Where a tall matrix's rows are: all in this process (this class), or split across ranks (a
+    subclass in ``galore_kernels.sharded`` sums partial products over the ranks)."""
+
+    def sum(self, partial: Tensor) -> Tensor:
+        """The sum over all rows of a product whose rows here gave ``partial`` (a Gram, Q^T A)."""
+        return partial
+
+    def total(self, local_rows: int) -> int:
+        """The number of rows across all ranks."""
+        return local_rows
+
+    def gather(self, Y: Tensor) -> Tensor:  # (..., local rows, k) -> (..., all rows, k)
+        return Y
+
+    def take(self, Y: Tensor) -> Tensor:  # (..., all rows, k) -> (..., local rows, k)
+        return Y
+
+
+LOCAL_ROWS = Rows()
+
+
 def randomized_basis_reference(
     G: Tensor,  # (..., m, n), any float dtype
     omega: Tensor,  # (..., n, k) Gaussian sketch, k >= rank
     rank: int,
     niter: int,
+    rows: Rows = LOCAL_ROWS,  # where G's rows (and the result's) are
+    cols: Rows = LOCAL_ROWS,  # where G's columns (and omega's rows) are
 ) -> Tensor:  # (..., m, rank) float32, orthonormal columns spanning G's top-rank left subspace
     G = G.float()
     Gt = G.mT
-    Y = G @ omega.float()
+    Y = cols.sum(G @ omega.float())
     for _ in range(niter):
-        Q = _power_basis(Y)
-        Z = _power_basis(Gt @ Q)
-        Y = G @ Z
+        Q = _power_basis(Y, rows)
+        Z = _power_basis(rows.sum(Gt @ Q), cols)
+        Y = cols.sum(G @ Z)
     if niter == 0:
-        return _ritz_from_orth(Y, G, rank)
-    P, ok = _ritz_basis(Y, rank)
+        return _ritz_from_orth(Y, G, rank, rows, cols)
+    P, ok = _ritz_basis(Y, rank, rows)
     if not bool(ok.all()):
-        P = torch.where(ok[..., None, None], P, _ritz_from_orth(Y, Y, rank))
+        P = torch.where(ok[..., None, None], P, _ritz_from_orth(Y, Y, rank, rows))
     return P
 
 
-def _ritz_basis(Y: Tensor, rank: int) -> tuple[Tensor, Tensor]:  # (..., m, k) f32 -> (..., m, rank) f32, ok
+def _ritz_basis(Y: Tensor, rank: int, rows: Rows) -> tuple[Tensor, Tensor]:  # (..., m, k) f32 -> (..., m, rank) f32, ok
     """Top-rank left singular vectors of Y from the eigenvectors of its float64 Gram, then one
     CholeskyQR pass; ok says that pass was accepted (its Gram within the CholeskyQR2 bound of I)."""
     k = Y.shape[-1]
     Yd = Y.double()
-    lam, V = torch.linalg.eigh(Yd.mT @ Yd)  # eigenvalues ascending
+    lam, V = torch.linalg.eigh(rows.sum(Yd.mT @ Yd))  # eigenvalues ascending
     top = V[..., :, k - rank:].flip(-1)  # (..., k, rank), largest first
     scale = lam[..., k - rank:].flip(-1).sqrt().unsqueeze(-2)  # (..., 1, rank): the singular values
     P0 = Y @ (top / scale).float()
-    P, ok, C = _cholesky_qr_pass(P0, 0.0)
+    P, ok, C = _cholesky_qr_pass(P0, 0.0, rows)
     return P, ok & _near_identity(C)
 
 
-def _ritz_from_orth(Y: Tensor, A: Tensor, rank: int) -> Tensor:
-    """Q = orth(Y), R = Q^T A, P = Q @ top eigenvectors of R R^T (A = G, or A = Y = G Z)."""
-    Q = orthonormalize_reference(Y)
-    R = (Q.mT @ A).double()  # (..., k, n) or (..., k, k)
-    _, U = torch.linalg.eigh(R @ R.mT)  # eigenvalues ascending
+def _ritz_from_orth(Y: Tensor, A: Tensor, rank: int, rows: Rows, cols: Rows = LOCAL_ROWS) -> Tensor:
+    """Q = orth(Y), R = Q^T A, P = Q @ top eigenvectors of R R^T (A = G, or A = Y = G Z; ``cols``:
+    where A's columns are)."""
+    Q = orthonormalize_reference(Y, rows)
+    R = rows.sum(Q.mT @ A).double()  # (..., k, n) or (..., k, k)
+    _, U = torch.linalg.eigh(cols.sum(R @ R.mT))  # eigenvalues ascending
     top = U[..., :, -rank:].flip(-1)  # (..., k, rank), largest first
     return Q @ top.float()
 
 
-def orthonormalize_reference(Y: Tensor) -> Tensor:  # (..., m, k) -> (..., m, k) float32, Q^T Q = I
+def orthonormalize_reference(Y: Tensor, rows: Rows = LOCAL_ROWS) -> Tensor:  # (..., m, k) -> float32, Q^T Q = I
     """An orthonormal basis of Y's columns: CholeskyQR2, then shifted CholeskyQR3, then Householder.
 
     Each batch entry takes the first method that succeeds on it. A rank-deficient ``Y`` (zero or
@@ -97,32 +127,33 @@ def orthonormalize_reference(Y: Tensor) -> Tensor:  # (..., m, k) -> (..., m, k)
     orthonormal whatever the rank; the extra columns then span an arbitrary complement.
     """
     Yd = Y.double()
-    Q1, ok1, _ = _cholesky_qr_pass(Yd, 0.0)
-    Q, ok2, C2 = _cholesky_qr_pass(Q1, 0.0)
+    Q1, ok1, _ = _cholesky_qr_pass(Yd, 0.0, rows)
+    Q, ok2, C2 = _cholesky_qr_pass(Q1, 0.0, rows)
     ok = ok1 & ok2 & _near_identity(C2)
     if not bool(ok.all()):
-        Q = torch.where(ok[..., None, None], Q, _cholesky_qr(_cholesky_qr(_shifted_cholesky_qr(Yd))))
-        ok = _is_orthonormal(Q)
-    if not bool(ok.all()):
-        Q = torch.where(ok[..., None, None], Q, torch.linalg.qr(Yd).Q)
+        Q = torch.where(ok[..., None, None], Q,
+                        _cholesky_qr(_cholesky_qr(_shifted_cholesky_qr(Yd, rows), rows), rows))
+        ok = _is_orthonormal(Q, rows)
+    if not bool(ok.all()):  # Householder needs every row: split rows are gathered (a rare fallback)
+        Q = torch.where(ok[..., None, None], Q, rows.take(torch.linalg.qr(rows.gather(Yd)).Q))
     return Q.float()
 
 
-def _power_basis(Y: Tensor) -> Tensor:  # (..., m, k) float32 -> float32, well-conditioned
+def _power_basis(Y: Tensor, rows: Rows) -> Tensor:  # (..., m, k) float32 -> float32, well-conditioned
     """One CholeskyQR pass with a float32 Gram; entries where it breaks down redo it with a float64
     Gram, and the entries where that breaks down too get :func:`orthonormalize_reference`."""
-    Q, ok, _ = _cholesky_qr_pass(Y, _PIVOT_TOL_FP32, torch.float32)
+    Q, ok, _ = _cholesky_qr_pass(Y, _PIVOT_TOL_FP32, rows, torch.float32)
     if not bool(ok.all()):
-        Q64, ok64, _ = _cholesky_qr_pass(Y, _PIVOT_TOL)
+        Q64, ok64, _ = _cholesky_qr_pass(Y, _PIVOT_TOL, rows)
         Q = torch.where(ok[..., None, None], Q, Q64)
         ok = ok | ok64
         if not bool(ok.all()):
-            Q = torch.where(ok[..., None, None], Q, orthonormalize_reference(Y))
+            Q = torch.where(ok[..., None, None], Q, orthonormalize_reference(Y, rows))
     return Q
 
 
 def _cholesky_qr_pass(
-    Y: Tensor, pivot_tol: float, gram_dtype: torch.dtype = torch.float64
+    Y: Tensor, pivot_tol: float, rows: Rows, gram_dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Y L^-T in Y's dtype, with L L^T = Y^T Y formed in ``gram_dtype`` and L^-T applied as a product.
 
@@ -131,7 +162,7 @@ def _cholesky_qr_pass(
     """
     k = Y.shape[-1]
     Yd = Y.to(gram_dtype)
-    C = Yd.mT @ Yd
+    C = rows.sum(Yd.mT @ Yd)
     L, info = torch.linalg.cholesky_ex(C)
     W = torch.linalg.solve_triangular(L, torch.eye(k, dtype=Yd.dtype, device=Yd.device), upper=False).mT.to(Y.dtype)
     ok = (info == 0) & W.isfinite().all(-1).all(-1)
@@ -147,27 +178,27 @@ def _near_identity(C: Tensor) -> Tensor:  # (..., k, k) -> (...,) bool
     return (C - eye).square().sum(dim=(-2, -1)) < _SECOND_GRAM_TOL2  # NaN compares False
 
 
-def _cholesky_qr(Y: Tensor) -> Tensor:
+def _cholesky_qr(Y: Tensor, rows: Rows) -> Tensor:
     """One CholeskyQR pass (fallback chain): Y R^-1 with R^T R = Y^T Y. NaN where the Cholesky fails."""
-    L, info = torch.linalg.cholesky_ex(Y.mT @ Y)
+    L, info = torch.linalg.cholesky_ex(rows.sum(Y.mT @ Y))
     Q = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT
     return torch.where((info == 0)[..., None, None], Q, torch.full_like(Q, float("nan")))
 
 
-def _shifted_cholesky_qr(Y: Tensor) -> Tensor:
+def _shifted_cholesky_qr(Y: Tensor, rows: Rows) -> Tensor:
     """CholeskyQR with the Gram shifted by s*I (Fukaya et al. 2020): survives cond(Y) up to 1/eps."""
-    m, k = Y.shape[-2:]
+    m, k = rows.total(Y.shape[-2]), Y.shape[-1]
     eps = torch.finfo(Y.dtype).eps
-    norm2 = (Y * Y).sum(dim=(-2, -1))  # ||Y||_F^2 bounds ||Y||_2^2
+    norm2 = rows.sum((Y * Y).sum(dim=(-2, -1)))  # ||Y||_F^2 bounds ||Y||_2^2
     shift = 11.0 * (m * k + k * (k + 1)) * eps * norm2
-    C = Y.mT @ Y + shift[..., None, None] * torch.eye(k, dtype=Y.dtype, device=Y.device)
+    C = rows.sum(Y.mT @ Y) + shift[..., None, None] * torch.eye(k, dtype=Y.dtype, device=Y.device)
     L, info = torch.linalg.cholesky_ex(C)
     Q = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT
     return torch.where((info == 0)[..., None, None], Q, torch.full_like(Q, float("nan")))
 
 
-def _is_orthonormal(Q: Tensor) -> Tensor:  # (..., m, k) -> (...,) bool
+def _is_orthonormal(Q: Tensor, rows: Rows) -> Tensor:  # (..., m, k) -> (...,) bool
     k = Q.shape[-1]
     eye = torch.eye(k, dtype=Q.dtype, device=Q.device)
-    err = (Q.mT @ Q - eye).abs().amax(dim=(-2, -1))
+    err = (rows.sum(Q.mT @ Q) - eye).abs().amax(dim=(-2, -1))
     return err < _ORTHONORMAL_TOL  # NaN compares False

@@ -421,7 +421,8 @@ def stacked_scratch(batch: int, rows: int, cols: int, device: torch.device,
     rounded up to 16 bytes)."""
     per, granule = rows * cols, ALIGNMENT // _element_size(dtype)
     padded = -(-per // granule) * granule
-    return torch.empty((batch, padded), dtype=dtype, device=device)[:, :per].view(batch, rows, cols)
+    # as_strided, not view: a view of a batch of one would take the unpadded size as its batch stride
+    return torch.empty((batch, padded), dtype=dtype, device=device).as_strided((batch, rows, cols), (padded, cols, 1))
 
 
 def partials_scratch(batch: int, splits: int, rows: int, cols: int, device: torch.device) -> Tensor:  # (B, S, rows, cols)

@@ -1,6 +1,5 @@
 """Shared set-up for trainer tests: one prepared tiny dataset, tiny configs, run helpers."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +85,3 @@ def final_weights(out: Path) -> dict:
     return load_file(str(steps[-1][1] / "model.safetensors"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

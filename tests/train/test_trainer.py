@@ -10,11 +10,12 @@ import pytest
 import torch
 
 
+from ranks import free_port
+
 from .conftest import (
     DATA_SIZES,
     TINY_ARCH,
     final_weights,
-    free_port,
     run_cli,
     run_subprocess,
     subprocess_env,

@@ -14,7 +14,8 @@ from galore_kernels.triton_ops.adam import dense_adamw_triton, lowrank_adam_trit
 from galore_kernels.triton_ops.back_apply import back_apply_triton
 from galore_kernels.triton_ops.nonfinite import nonfinite_flags_triton
 from galore_kernels.triton_ops.project import lowrank_project_triton, project_partials_triton
-from galore_kernels.triton_ops.step import dense_adamw_step_triton, galore_adamw_step_triton
+from galore_kernels.reference import galore_adamw_update_reference
+from galore_kernels.triton_ops.step import dense_adamw_step_triton, galore_adamw_step_triton, update_triton
 
 SHAPES = [(33, 65), (65, 33), (48, 80)]
 LR = 0.1
@@ -473,3 +474,24 @@ def test_k_major_operands_change_no_bit(monkeypatch, side, shape, rank, tma):
     for key in ("params", "exp_avgs", "exp_avg_sqs"):
         for x, y in zip(getattr(runs[0], key), getattr(runs[1], key)):
             assert torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("side, shape, rank", [("right", (27, 20), 6), ("left", (20, 27), 5)])
+def test_per_parameter_update_at_an_unaligned_lowrank_size(side, shape, rank):
+    """update_triton (layer-wise mode's path, and FSDP2-sharded parameters') with an R whose element
+    count is no multiple of 4 (27 x 6, 5 x 27): its one-slice scratch must still pass the kernels'
+    16-byte checks (a view of a batch of one once took the unpadded size as its batch stride)."""
+    gen = torch.Generator().manual_seed(11)
+    m, n = shape
+    basis = torch.linalg.qr(torch.randn(max(m, n), rank, generator=gen))[0]
+    proj_left, proj_right = (basis[:m].contiguous(), None) if side == "left" else (None, basis[:n].T.contiguous())
+    lowrank = torch.randn((rank, n) if side == "left" else (m, rank), generator=gen)
+    moments = [torch.rand(lowrank.shape, generator=gen) for _ in range(2)]
+    param = torch.randn(shape, generator=gen)
+    expected = [t.clone() for t in (param, *moments)]
+    scalars = dict(side=side, step=3, lr=LR, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1, scale=0.25,
+                   correct_bias=True)
+    galore_adamw_update_reference(expected[0], lowrank, expected[1], expected[2], proj_left, proj_right, **scalars)
+    update_triton(param, lowrank, moments[0], moments[1], proj_left, proj_right, **scalars)
+    for got, want in zip((param, *moments), expected):
+        assert relative_error(got, want) <= 1e-6

@@ -1,0 +1,239 @@
+"""GaLore on row-sharded parameters: FSDP2's ``fully_shard`` (DTensor ``Shard(0)``), and HSDP.
+
+A weight ``W`` (m x n) whose rows are split across the ranks of a mesh dimension is stepped on its
+local rows, and no rank ever gathers a whole gradient (DESIGN.md "Randomized subspace refresh"):
+
+- right side (``R = G Q^T``, m x r): the rows of ``R``, ``M``, ``V`` and ``N`` follow W's rows, and the
+  basis ``Q`` (r x n) is the same on every rank. A step needs no communication at all.
+- left side (``R = P^T G``, r x n): ``P``'s rows follow W's, so ``R`` is a sum over the ranks: one
+  all-reduce of r x n a step. ``M``, ``V``, ``N`` are then the same on every rank (each computes the
+  same Adam update from the same ``R``), and ``W``'s rows take ``P_i N``.
+- ``full``: one all-reduce of r x r a step.
+- a randomized refresh runs the reference algorithm with its row sums (Grams, products with ``G^T``)
+  all-reduced over the ranks (:class:`RowSplit`): k x k and n x k all-reduces. Every rank draws the
+  whole sketch from the same seeded generator, so the basis equals the unsharded one up to rounding.
+  ``svd="exact"`` gathers the gradient for its SVD (galore-torch's method; no sketch to split).
+- the non-finite guard is global: when any rank's rows of ``G`` are not finite, every rank skips.
+
+State tensors are DTensors on the parameter's mesh: row-sharded ones (``M``, ``V`` of the right side,
+``P``) placed like the parameter, the others replicated, so ``torch.distributed.checkpoint`` saves
+each once and a resumed run gets its rows back.
+
+Sharded parameters are stepped one at a time on their local tensors by the step backend's
+per-parameter functions (the Triton bucket launches take plain tensors only). The randomized refresh
+runs on the PyTorch reference (the native op has no collectives).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .dispatch import REFERENCE_STEP
+from .reference import refresh as reference_refresh
+from .subspace import canonical_signs, default_niter, exact_basis, sketch
+
+try:  # torch built without distributed support has no DTensor: nothing is ever sharded there
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_dtensor(t: Optional[Tensor]) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The tensor this rank holds (a view sharing storage: in-place updates reach the DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass(frozen=True, eq=False)
+class RowSplit(reference_refresh.Rows):
+    """Rows of a DTensor split over one mesh dimension (torch.chunk's rule, as ``Shard(0)`` splits)."""
+
+    mesh: object  # the parameter's DeviceMesh
+    placements: tuple  # the parameter's placements: one Shard(0), Replicate() elsewhere
+    group: object  # the process group of the sharded mesh dimension; None: replicated, nothing to reduce
+    counts: tuple  # rows held by each rank of that group
+    index: int  # this rank's position in the group
+
+    @property
+    def offset(self) -> int:
+        return sum(self.counts[: self.index])
+
+    def sum(self, partial: Tensor) -> Tensor:
+        if self.group is None:  # a replicated tensor: all rows are here
+            return partial
+        partial = partial.contiguous()
+        dist.all_reduce(partial, group=self.group)
+        return partial
+
+    def total(self, local_rows: int) -> int:
+        return sum(self.counts)
+
+    def gather(self, Y: Tensor) -> Tensor:  # (..., local rows, k) -> (..., all rows, k)
+        if self.group is None:
+            return Y
+        widest = max(self.counts)
+        pad = widest - Y.shape[-2]
+        padded = torch.nn.functional.pad(Y, (0, 0, 0, pad)).contiguous()
+        pieces = [torch.empty_like(padded) for _ in self.counts]
+        dist.all_gather(pieces, padded, group=self.group)
+        return torch.cat([piece[..., :count, :] for piece, count in zip(pieces, self.counts)], dim=-2)
+
+    def take(self, Y: Tensor) -> Tensor:  # (..., all rows, k) -> (..., local rows, k)
+        return Y.narrow(-2, self.offset, self.counts[self.index])
+
+    def all_finite_each(self, grads: list[Tensor]) -> list[bool]:
+        """Per gradient (this rank's rows of each), whether every rank's rows are finite: one
+        all-reduce for the list, and one wait of the host."""
+        flags = torch.stack([torch.isfinite(g).all() for g in grads]).to(torch.float32)
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+        return [flag == 1.0 for flag in flags.tolist()]
+
+    def replicated(self) -> tuple:
+        return tuple(Replicate() for _ in self.placements)
+
+    def dtensor(self, local_tensor: Tensor, rows_split: bool, shape: tuple) -> Tensor:
+        """``local_tensor`` as a DTensor of global ``shape`` on the parameter's mesh: placed like the
+        parameter when ``rows_split``, replicated otherwise."""
+        placements = self.placements if rows_split else self.replicated()
+        return DTensor.from_local(local_tensor, self.mesh, placements, run_check=False, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride())
+
+
+def row_split(p: Tensor, where: str) -> Optional[RowSplit]:
+    """How ``p``'s rows are split across ranks; None for a plain tensor. An unsupported layout is a
+    ValueError naming ``where`` (the parameter) and what to use instead."""
+    if not is_dtensor(p):
+        return None
+    placements = tuple(p.placements)
+    mesh = p.device_mesh
+    sharded = [d for d, placement in enumerate(placements) if not isinstance(placement, Replicate)]
+    if not sharded:  # replicated everywhere: every rank holds and steps the whole tensor
+        return RowSplit(mesh, placements, None, (p.shape[0] if p.dim() else 1,), 0)
+    if len(sharded) != 1 or not isinstance(placements[sharded[0]], Shard) or placements[sharded[0]].dim % p.dim() != 0:
+        raise ValueError(
+            f"{where} is a DTensor with placements {placements}; GaLoreAdamW steps DTensors sharded on their first "
+            "dimension over one mesh dimension (Shard(0), Replicate() on any others: FSDP2's fully_shard and HSDP), "
+            "or replicated. Shard the parameter on dim 0 (fully_shard's default).")
+    mesh_dim = sharded[0]
+    size, index = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    rows = p.shape[0]
+    chunk = -(-rows // size)
+    counts = tuple(max(0, min(rows, (i + 1) * chunk) - min(rows, i * chunk)) for i in range(size))
+    held = p.to_local().shape[0]
+    if held != counts[index]:
+        raise ValueError(
+            f"{where} holds {held} of its {rows} rows on this rank, but Shard(0) over {size} ranks gives "
+            f"{counts[index]} (torch.chunk's split); GaLoreAdamW supports that split only (fully_shard's default "
+            "shard_placement_fn).")
+    return RowSplit(mesh, placements, mesh.get_group(mesh_dim), counts, index)
+
+
+def check_grad(grad: Tensor, p: Tensor, where: str) -> None:
+    if not is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements):
+        got = tuple(grad.placements) if is_dtensor(grad) else "a plain tensor"
+        raise ValueError(
+            f"{where}: the gradient of a DTensor parameter with placements {tuple(p.placements)} is {got}; it must "
+            "be a DTensor placed like the parameter (FSDP2 reduce-scatters gradients so: step after backward).")
+
+
+# ------------------------------------------------------------------------------------------- refresh
+def projection_bases(
+    grad: Tensor,  # (local rows, n) of the global (m, n) gradient
+    split: RowSplit,
+    rank: int,
+    side: str,  # "left" | "right" | "full"
+    *,
+    method: str,
+    oversample: Optional[int],
+    niter: Optional[int],
+    generator: Optional[torch.Generator],
+) -> tuple[Optional[Tensor], Optional[Tensor]]:  # (P's local rows (m_i, r) or None, Q (r, n) or None)
+    """subspace.projection_bases for a row-sharded gradient: the same bases (to rounding), P's rows
+    split like W's, Q whole on every rank."""
+    if method == "exact":  # a full SVD needs the whole matrix
+        whole = split.gather(grad.float())
+        left = split.take(exact_basis(whole, rank, "left")) if side in ("left", "full") else None
+        right = exact_basis(whole, rank, "right") if side in ("right", "full") else None
+        return left, right
+    m, n = split.total(grad.shape[0]), grad.shape[1]
+    niter = default_niter(rank) if niter is None else niter
+    left = right = None
+    if side in ("left", "full"):  # A = G: its rows are split, the sketch (n x k) is whole
+        omega = sketch((m, n), rank, oversample, generator, grad.device)
+        P = reference_refresh.randomized_basis_reference(grad, omega, rank, niter, rows=split)
+        left = canonical_signs_split(P, split)
+    if side in ("right", "full"):  # A = G^T: its columns are split, and so are the sketch's (m x k) rows
+        omega = split.take(sketch((n, m), rank, oversample, generator, grad.device))
+        P = reference_refresh.randomized_basis_reference(grad.mT, omega, rank, niter, cols=split)
+        right = canonical_signs(P).mT.contiguous()
+    return left, right
+
+
+def canonical_signs_split(P: Tensor, split: RowSplit) -> Tensor:  # (m_i, r) -> same
+    """subspace.canonical_signs over rows split across ranks: each column's entry of largest
+    magnitude over all ranks (the first such, as argmax picks) is made positive."""
+    if split.group is None:
+        return canonical_signs(P)
+    if P.shape[-2] > 0:
+        magnitude, index = P.abs().max(dim=-2)
+        value = torch.gather(P, -2, index.unsqueeze(-2)).squeeze(-2)
+    else:  # no rows here: never the largest
+        magnitude = torch.full(P.shape[-1:], -1.0, dtype=P.dtype, device=P.device)
+        value = torch.ones_like(magnitude)
+    mine = torch.stack([magnitude, value]).contiguous()
+    everyone = [torch.empty_like(mine) for _ in split.counts]
+    dist.all_gather(everyone, mine, group=split.group)
+    magnitudes = torch.stack([e[0] for e in everyone])  # (ranks, r)
+    values = torch.stack([e[1] for e in everyone])
+    first = (magnitudes == magnitudes.max(dim=0, keepdim=True).values).to(torch.int8).argmax(dim=0)
+    sign = torch.sign(values.gather(0, first.unsqueeze(0)).squeeze(0))
+    return P * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def subspace_overlap(old: dict, new: dict, split: RowSplit) -> float:
+    """optimizer.subspace_overlap with P's rows split (its Gram summed over the ranks)."""
+    overlaps = []
+    if "proj_left" in new:
+        cross = split.sum(local(old["proj_left"]).float().T @ new["proj_left"].float())
+        overlaps.append(cross.square().sum() / new["proj_left"].shape[1])
+    if "proj_right" in new:
+        cross = local(old["proj_right"]).float() @ new["proj_right"].float().T
+        overlaps.append(cross.square().sum() / new["proj_right"].shape[0])
+    return float(sum(overlaps) / len(overlaps))
+
+
+# ---------------------------------------------------------------------------------------------- step
+def _backend_for(backend, held: Tensor):
+    """The reference where this rank holds no rows (nothing to launch a kernel over)."""
+    return backend if held.numel() > 0 else REFERENCE_STEP
+
+
+def project(backend, grad: Tensor, proj_left, proj_right, side: str, split: RowSplit) -> Tensor:
+    """The projected gradient (float32) from this rank's rows; summed over the ranks on the left."""
+    held = local(grad)
+    lowrank = _backend_for(backend, held).project(held, local(proj_left), local(proj_right), side)
+    return split.sum(lowrank) if side in ("left", "full") else lowrank
+
+
+def update(backend, p: Tensor, lowrank: Tensor, tensors: tuple, scalars: dict) -> None:
+    """Adam on the (projected) gradient and the update of this rank's rows of ``p``."""
+    held = local(p)
+    _backend_for(backend, held).update(held, lowrank, *(local(t) for t in tensors), **scalars)
+
+
+def step(backend, p: Tensor, grad: Tensor, tensors: tuple, scalars: dict, split: RowSplit) -> None:
+    exp_avg, exp_avg_sq, proj_left, proj_right = tensors
+    side = scalars["side"]
+    if side is None:
+        lowrank = local(grad) if grad.dtype == torch.float32 else local(grad).float()
+    else:
+        lowrank = project(backend, grad, proj_left, proj_right, side, split)
+    update(backend, p, lowrank, tensors, scalars)

@@ -126,7 +126,8 @@ class GaLoreAdamW(Optimizer):
         self._plans: dict[int, _StepPlan] = {}  # id(group) -> its last steady step's layout
         self._prepared: dict[tuple, tuple] = {}  # bucket key -> (state version, states, moments, bases)
         self._splits: dict[int, Optional[sharded.RowSplit]] = {}  # id(p) -> how its rows are split (DTensors)
-        self._finite_this_step: dict[int, bool] = {}  # id(p) -> sharded gradient finite on every rank (step())
+        # id(p) -> (gradient finite on every rank, kernels fit on every rank), for sharded parameters (step())
+        self._sharded_this_step: dict[int, tuple[bool, bool]] = {}
         self._has_sharded = False  # any DTensor parameter (set by add_param_group)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, seed=seed,
                         state_dtype=check_state_dtype(state_dtype, "state_dtype"), stochastic_rounding=stochastic_rounding)
@@ -186,7 +187,7 @@ class GaLoreAdamW(Optimizer):
         finally:
             self._refreshed_this_step.clear()
             self._due_this_step.clear()
-            self._finite_this_step.clear()
+            self._sharded_this_step.clear()
             self._reported_this_step = False
         return loss
 
@@ -219,8 +220,9 @@ class GaLoreAdamW(Optimizer):
                     self._steady_steps(group["params"]), states, tuple(state["step"] for state in states))
 
     def _check_sharded_grads(self, group: dict) -> None:
-        """Whether each sharded gradient of the group is finite on every rank: one all-reduce per
-        process group for the whole param group, instead of one per parameter (check_finite reads it)."""
+        """For each sharded gradient of the group, whether it is finite on every rank and whether the
+        kernels take every rank's rows: one all-reduce per process group for the whole param group,
+        instead of one per parameter (:meth:`_sharded_flags` reads them)."""
         if not self._has_sharded:
             return
         by_group: dict[int, tuple] = {}
@@ -229,8 +231,23 @@ class GaLoreAdamW(Optimizer):
             if split is not None:
                 by_group.setdefault(id(split.group), (split, []))[1].append(p)
         for split, params in by_group.values():
-            flags = split.all_finite_each([sharded.local(p.grad) for p in params])
-            self._finite_this_step.update(zip(map(id, params), flags))
+            finite, fit = split.agree(self._local_flags(params, [p.grad for p in params]))
+            self._sharded_this_step.update(zip(map(id, params), zip(finite, fit)))
+
+    def _local_flags(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
+        """(2, P): each gradient finite here, the kernels fit here (one host-to-device copy)."""
+        finite = torch.stack([torch.isfinite(sharded.local(grad)).all() for grad in grads])
+        fit = [sharded.kernels_fit(self._step_backend(p), p, grad) for p, grad in zip(params, grads)]
+        return torch.stack([finite, torch.tensor(fit, device=finite.device)])
+
+    def _sharded_flags(self, p: Tensor, grad: Tensor) -> tuple[bool, bool]:
+        """(gradient finite on every rank, kernels fit on every rank) of a sharded parameter: as
+        step() agreed on them for the group, or (a step outside step()) agreed now."""
+        flags = self._sharded_this_step.get(id(p))
+        if flags is None:
+            finite, fit = self.row_split(p).agree(self._local_flags([p], [grad]))
+            flags = (finite[0], fit[0])
+        return flags
 
     def _reusable_plan(self, group: dict) -> Optional["_StepPlan"]:
         """The group's last layout, if this step is steady like the last: no refresh due, the same
@@ -459,7 +476,7 @@ class GaLoreAdamW(Optimizer):
         if split is None:
             self._step_backend(p).step(p, grad, *tensors, **scalars)
         else:
-            sharded.step(self._step_backend(p), p, grad, tensors, scalars, split)
+            sharded.step(self._step_backend(p), p, grad, tensors, scalars, split, self._sharded_flags(p, grad)[1])
         return True
 
     # Layer-wise mode drives a step in pieces: prepare (checks, refresh), project, update_from_lowrank.
@@ -502,10 +519,11 @@ class GaLoreAdamW(Optimizer):
     def update_from_lowrank(self, p: Tensor, lowrank_grad: Tensor) -> None:
         """Adam on an already projected gradient, back-projection and apply (after ``prepare``)."""
         tensors, scalars = self._advance(p)
-        if self.row_split(p) is None:
+        split = self.row_split(p)
+        if split is None:
             self._step_backend(p).update(p, lowrank_grad, *tensors, **scalars)
-        else:
-            sharded.update(self._step_backend(p), p, lowrank_grad, tensors, scalars)
+        else:  # no kernels for replicated moments: nothing here says every rank can run them
+            sharded.update(self._step_backend(p), p, lowrank_grad, tensors, scalars, split, False)
 
     def _advance(self, p: Tensor) -> tuple[tuple, dict]:
         """Counts the step and returns the backend's state tensors and per-step scalars."""
@@ -588,8 +606,7 @@ class GaLoreAdamW(Optimizer):
         if split is None:
             finite = bool(torch.isfinite(grad).all())
         else:
-            finite = self._finite_this_step.get(id(p))  # step() checked the group's gradients at once
-            finite = split.all_finite_each([sharded.local(grad)])[0] if finite is None else finite
+            finite = self._sharded_flags(p, grad)[0]
         if finite:
             return True
         index, _, _ = self.param_info(p)
@@ -636,7 +653,8 @@ class GaLoreAdamW(Optimizer):
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
         else:  # the moments' rows follow the weight's rows unless the projection is on the left
             rows_split = side in (None, "right")
-            held = (sharded.local(p).shape[0], *shape[1:]) if rows_split else shape
+            held = shape if not rows_split else tuple(sharded.local(p).shape) if side is None else \
+                (sharded.local(p).shape[0], shape[1])
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = split.dtensor(torch.zeros(held, dtype=dtype, device=p.device), rows_split, shape)
         if side is not None:

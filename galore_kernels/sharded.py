@@ -14,6 +14,12 @@ local rows, and no rank ever gathers a whole gradient (DESIGN.md "Randomized sub
   whole sketch from the same seeded generator, so the basis equals the unsharded one up to rounding.
   ``svd="exact"`` gathers the gradient for its SVD (galore-torch's method; no sketch to split).
 - the non-finite guard is global: when any rank's rows of ``G`` are not finite, every rank skips.
+- replicated state stays identical on every rank: a step whose moments are replicated (left, ``full``)
+  runs the Triton kernels only where every rank can (else the reference everywhere), and ``svd="exact"``
+  is computed by the group's first rank and broadcast.
+- stochastic rounding draws a shard's bits from a seed keyed by its first global row (the first shard
+  keeps the parameter's seed), so shards do not repeat each other's bits; replicated moments keep the
+  parameter's seed on every rank, and HSDP replicas of a shard draw alike.
 
 State tensors are DTensors on the parameter's mesh: row-sharded ones (``M``, ``V`` of the right side,
 ``P``) placed like the parameter, the others replicated, so ``torch.distributed.checkpoint`` saves
@@ -34,12 +40,16 @@ from torch import Tensor
 
 from .dispatch import REFERENCE_STEP
 from .reference import refresh as reference_refresh
-from .subspace import canonical_signs, default_niter, exact_basis, sketch
+from .seeding import mix_fields
+from .subspace import canonical_signs, default_niter, projection_bases as unsharded_bases, sketch
 
 try:  # torch built without distributed support has no DTensor: nothing is ever sharded there
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
     DTensor = None
+
+
+_SHARD_SEED_TAG = 0x243F6A8885A308D3  # keeps shard rounding seeds apart from the other derived seeds
 
 
 def is_dtensor(t: Optional[Tensor]) -> bool:
@@ -88,13 +98,19 @@ class RowSplit(reference_refresh.Rows):
     def take(self, Y: Tensor) -> Tensor:  # (..., all rows, k) -> (..., local rows, k)
         return Y.narrow(-2, self.offset, self.counts[self.index])
 
-    def all_finite_each(self, grads: list[Tensor]) -> list[bool]:
-        """Per gradient (this rank's rows of each), whether every rank's rows are finite: one
-        all-reduce for the list, and one wait of the host."""
-        flags = torch.stack([torch.isfinite(g).all() for g in grads]).to(torch.float32)
+    def agree(self, flags: Tensor) -> list:
+        """Each flag (any shape; 1 true, 0 false) true on every rank: one all-reduce, one wait of the
+        host. Returns flags.tolist() as booleans."""
+        flags = flags.to(torch.float32).contiguous()
         if self.group is not None:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
-        return [flag == 1.0 for flag in flags.tolist()]
+        return [[value == 1.0 for value in row] for row in flags.tolist()]
+
+    def rounding_seed(self, seed: Optional[int]) -> Optional[int]:
+        """The seed of this shard's stochastic rounding bits (below 2^31, as the kernels take)."""
+        if seed is None or self.offset == 0:
+            return seed
+        return mix_fields(_SHARD_SEED_TAG, seed, self.offset) >> 33
 
     def replicated(self) -> tuple:
         return tuple(Replicate() for _ in self.placements)
@@ -159,10 +175,7 @@ def projection_bases(
     """subspace.projection_bases for a row-sharded gradient: the same bases (to rounding), P's rows
     split like W's, Q whole on every rank."""
     if method == "exact":  # a full SVD needs the whole matrix
-        whole = split.gather(grad.float())
-        left = split.take(exact_basis(whole, rank, "left")) if side in ("left", "full") else None
-        right = exact_basis(whole, rank, "right") if side in ("right", "full") else None
-        return left, right
+        return _exact_bases(grad, split, rank, side)
     m, n = split.total(grad.shape[0]), grad.shape[1]
     niter = default_niter(rank) if niter is None else niter
     left = right = None
@@ -177,14 +190,40 @@ def projection_bases(
     return left, right
 
 
+def _exact_bases(grad: Tensor, split: RowSplit, rank: int, side: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """galore-torch's SVD of the gathered gradient, computed by the group's first rank and broadcast
+    (an SVD gives no sign guarantee: the ranks' row blocks of P must come from one factorisation)."""
+    whole = split.gather(grad.float())
+    if split.group is None:
+        left, right = unsharded_bases(whole, rank, side, method="exact", oversample=None, niter=None,
+                                      generator=None, backend=None)
+        return left, right
+    m, n = whole.shape
+    shapes = {"left": (m, rank), "right": (rank, n)}
+    sides = [key for key in ("left", "right") if side in (key, "full")]
+    if split.index == 0:
+        left, right = unsharded_bases(whole, rank, side, method="exact", oversample=None, niter=None,
+                                      generator=None, backend=None)
+        bases = {"left": left, "right": right}
+        bases = {key: bases[key].contiguous() for key in sides}
+    else:
+        bases = {key: torch.empty(shapes[key], dtype=torch.float32, device=grad.device) for key in sides}
+    source = dist.get_global_rank(split.group, 0)
+    for key in sides:
+        dist.broadcast(bases[key], src=source, group=split.group)
+    left = split.take(bases["left"]) if "left" in bases else None
+    return left, bases.get("right")
+
+
 def canonical_signs_split(P: Tensor, split: RowSplit) -> Tensor:  # (m_i, r) -> same
     """subspace.canonical_signs over rows split across ranks: each column's entry of largest
     magnitude over all ranks (the first such, as argmax picks) is made positive."""
     if split.group is None:
         return canonical_signs(P)
     if P.shape[-2] > 0:
-        magnitude, index = P.abs().max(dim=-2)
-        value = torch.gather(P, -2, index.unsqueeze(-2)).squeeze(-2)
+        index = P.abs().argmax(dim=-2, keepdim=True)  # the first of equal magnitudes, as canonical_signs
+        value = torch.gather(P, -2, index).squeeze(-2)
+        magnitude = value.abs()
     else:  # no rows here: never the largest
         magnitude = torch.full(P.shape[-1:], -1.0, dtype=P.dtype, device=P.device)
         value = torch.ones_like(magnitude)
@@ -223,17 +262,37 @@ def project(backend, grad: Tensor, proj_left, proj_right, side: str, split: RowS
     return split.sum(lowrank) if side in ("left", "full") else lowrank
 
 
-def update(backend, p: Tensor, lowrank: Tensor, tensors: tuple, scalars: dict) -> None:
-    """Adam on the (projected) gradient and the update of this rank's rows of ``p``."""
+def kernels_fit(backend, p: Tensor, grad: Tensor) -> bool:
+    """Whether ``backend``'s kernels take this rank's rows (False for the reference)."""
     held = local(p)
+    return backend.fits is not None and held.numel() > 0 and backend.fits(held, local(grad))
+
+
+def update(backend, p: Tensor, lowrank: Tensor, tensors: tuple, scalars: dict, split: RowSplit,
+           kernels_everywhere: bool) -> None:
+    """Adam on the (projected) gradient and the update of this rank's rows of ``p``.
+
+    Moments replicated on every rank (left, ``full``) must get the same bits everywhere, so they take
+    the kernels only when every rank can (``kernels_everywhere``, agreed by an all-reduce)."""
+    held = local(p)
+    side = scalars["side"]
+    replicated = side in ("left", "full")
+    if replicated and not kernels_everywhere:
+        backend = REFERENCE_STEP
+    shard_seed = split.rounding_seed(scalars["rounding_seed"])
+    if replicated:  # the moments keep the parameter's seed, the weight's rows take the shard's
+        scalars = dict(scalars, weight_rounding_seed=shard_seed)
+    else:  # the moments' rows are the weight's
+        scalars = dict(scalars, rounding_seed=shard_seed)
     _backend_for(backend, held).update(held, lowrank, *(local(t) for t in tensors), **scalars)
 
 
-def step(backend, p: Tensor, grad: Tensor, tensors: tuple, scalars: dict, split: RowSplit) -> None:
+def step(backend, p: Tensor, grad: Tensor, tensors: tuple, scalars: dict, split: RowSplit,
+         kernels_everywhere: bool) -> None:
     exp_avg, exp_avg_sq, proj_left, proj_right = tensors
     side = scalars["side"]
     if side is None:
         lowrank = local(grad) if grad.dtype == torch.float32 else local(grad).float()
     else:
         lowrank = project(backend, grad, proj_left, proj_right, side, split)
-    update(backend, p, lowrank, tensors, scalars)
+    update(backend, p, lowrank, tensors, scalars, split, kernels_everywhere)

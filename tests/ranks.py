@@ -16,12 +16,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, *scenarios: str, worker: Path = TESTS / "sharded_worker.py") -> str:
-    """``worker`` on ``world`` gloo processes (one thread each), given the scenario names; every
-    scenario must report ``scenario NAME: ok`` and every rank exit 0. The environment is inherited
-    (TRITON_INTERPRET included)."""
+def run_ranks(world: int, *scenarios: str, worker: Path = TESTS / "sharded_worker.py", **env_vars: str) -> str:
+    """``worker`` on ``world`` processes (one thread each), given the scenario names; every scenario
+    must report ``scenario NAME: ok`` and every rank exit 0. The environment is inherited
+    (TRITON_INTERPRET included), plus ``env_vars``."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]), **env_vars)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), str(worker), *scenarios],

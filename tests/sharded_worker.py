@@ -2,9 +2,11 @@
 
 Each scenario asserts on every rank; a failed assertion exits non-zero and fails the test. The
 single-process references run in every rank from the same seeds, so no tensors need to travel.
+``GALORE_SHARDED_DEVICE=cuda`` runs them on GPUs over nccl (one GPU per rank; the GPU tests use one).
 """
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import warnings
@@ -22,6 +24,7 @@ from galore_kernels.dispatch import REFERENCE_REFRESH
 # Sharded and single-process runs differ in summation order only (all-reduced Grams and products,
 # reduce-scattered gradients): float32 rounding, amplified a little by 7 Adam steps and 3 refreshes.
 RELATIVE_TOL = 2e-5
+DEVICE = os.environ.get("GALORE_SHARDED_DEVICE", "cpu")
 
 
 def rows_on_last_mesh_dim(mesh, placement) -> list:
@@ -35,7 +38,7 @@ def make_model() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Linear(64, 48), torch.nn.Tanh(), torch.nn.Linear(48, 53), torch.nn.Tanh(),
-        torch.nn.Linear(53, 37), torch.nn.Tanh(), torch.nn.Linear(37, 1))
+        torch.nn.Linear(53, 37), torch.nn.Tanh(), torch.nn.Linear(37, 1)).to(DEVICE)
 
 
 def param_groups(model, svd: str) -> list[dict]:
@@ -56,7 +59,7 @@ def shard(model, mesh):
 
 def batches(count: int):
     gen = torch.Generator().manual_seed(1)
-    return [torch.randn(24, 64, generator=gen) for _ in range(count)]  # 24: equal shares for 1-4 ranks
+    return [torch.randn(24, 64, generator=gen).to(DEVICE) for _ in range(count)]  # 24: equal shares for 1-4 ranks
 
 
 def train(model, opt, data, rank: int, world: int) -> None:
@@ -71,6 +74,26 @@ def assert_close(reference: torch.nn.Module, model: torch.nn.Module, tol: float,
         a, b = (t.full_tensor() if sharded.is_dtensor(t) else t for t in (a, b))
         err = ((a - b).abs().max() / a.abs().max()).item()
         assert err <= tol, f"{what}: {name} differs by {err:.2e} (relative), more than {tol:.0e}"
+
+
+def assert_replicas_equal(opt: GaLoreAdamW, what: str) -> None:
+    """Every rank holding the same rows of a parameter or a state tensor (all ranks for a replicated
+    one, the HSDP replicas of a shard) holds the same bits: DTensor's contract, and what
+    torch.distributed.checkpoint relies on when it saves one replica."""
+    mine = []
+    for index, p in enumerate(p for group in opt.param_groups for p in group["params"]):
+        tensors = {"weight": p, **{k: v for k, v in opt.state[p].items() if sharded.is_dtensor(v)}}
+        for key, value in tensors.items():
+            coordinate = value.device_mesh.get_coordinate()
+            rows = tuple(c for c, placement in zip(coordinate, value.placements) if isinstance(placement, Shard))
+            mine.append(((index, key, rows), value.to_local().detach().cpu()))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for entries in zip(*everyone):
+        first_key, first = entries[0]
+        for key, value in entries[1:]:
+            if key == first_key:
+                assert torch.equal(value, first), f"{what}: replicas of parameter {key[0]}'s {key[1]} differ"
 
 
 def scenario_training(mesh, rank: int, world: int) -> None:
@@ -97,6 +120,7 @@ def scenario_training(mesh, rank: int, world: int) -> None:
             opt.zero_grad()
             opt_ref.zero_grad()
         assert_close(reference, model, RELATIVE_TOL, f"svd={svd}")
+        assert_replicas_equal(opt, f"svd={svd}")
         for p, p_ref in zip(model.parameters(), reference.parameters()):
             state, state_ref = opt.state[p], opt_ref.state[p_ref]
             assert state["step"] == state_ref["step"] == 7 and state.get("refresh_count") == state_ref.get("refresh_count")
@@ -118,7 +142,6 @@ def scenario_triton(mesh, rank: int, world: int) -> None:
     """backend="triton" (run by the interpreter here: TRITON_INTERPRET=1) steps each rank's rows with
     the kernels, and a rank without rows with the reference; it matches the reference optimizer fed
     the same gradients."""
-    assert torch.distributed.get_backend() == "gloo"
     reference, model = make_model(), shard(make_model(), mesh)
     opt_ref = GaLoreAdamW(param_groups(reference, "randomized"), lr=1e-2, weight_decay=0.1, backend="reference")
     opt = GaLoreAdamW(param_groups(model, "randomized"), lr=1e-2, weight_decay=0.1, backend="triton")
@@ -132,6 +155,46 @@ def scenario_triton(mesh, rank: int, world: int) -> None:
         opt.zero_grad()
         opt_ref.zero_grad()
     assert_close(reference, model, 1e-4, "backend=triton")
+    # The 1-row weight projects on the left and leaves a rank without rows: its replicated moments
+    # must not take the kernels on some ranks and the reference on others.
+    assert_replicas_equal(opt, "backend=triton")
+    if mesh.size(-1) == 2:  # the kernels' rounding bits, keyed by shard
+        scenario_rounding(mesh, rank, world, backend="triton")
+
+
+def scenario_rounding(mesh, rank: int, world: int, backend: str = "auto") -> None:
+    """bf16 weights with stochastic rounding and bf16 moments, on a mesh whose last dimension has two
+    shards: the second shard's rows repeat the first's, weights and gradients alike, so only the
+    rounding bits can tell them apart, and they must (each shard draws its own). The first shard of a
+    parameter without projection draws the unsharded run's bits; replicated moments (the left
+    projection's) stay identical on every rank."""
+    assert mesh.size(-1) == 2
+    shapes = {"plain": (8, 256), "right": (300, 256), "left": (4, 256)}
+    gen = torch.Generator().manual_seed(5)
+    halves = {name: torch.randn(m // 2, n, generator=gen) for name, (m, n) in shapes.items()}
+    weights = {name: torch.cat([half, half]).to(DEVICE, torch.bfloat16) for name, half in halves.items()}
+
+    def optimizer(params):
+        groups = [{"params": [params["plain"]]},
+                  {"params": [params["right"], params["left"]], "rank": 2, "update_proj_gap": 50}]
+        return GaLoreAdamW(groups, lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True, seed=4, backend=backend)
+
+    placements = rows_on_last_mesh_dim(mesh, Shard(0))
+    plain = {name: torch.nn.Parameter(w.clone()) for name, w in weights.items()}
+    split = {name: torch.nn.Parameter(distribute_tensor(w.clone(), mesh, placements)) for name, w in weights.items()}
+    opt_plain, opt_split = optimizer(plain), optimizer(split)
+    for step in range(3):
+        for name, half in halves.items():
+            grad = (torch.cat([half, half]) * (step + 1) * 1e-2).to(DEVICE, torch.bfloat16)
+            plain[name].grad = grad.clone()
+            split[name].grad = distribute_tensor(grad.clone(), mesh, placements)
+        opt_plain.step()
+        opt_split.step()
+    assert_replicas_equal(opt_split, "stochastic rounding")
+    for name, (m, _) in shapes.items():
+        whole = split[name].full_tensor()
+        assert not torch.equal(whole[: m // 2], whole[m // 2:]), f"{name}: the two shards drew the same rounding bits"
+    assert torch.equal(split["plain"].full_tensor()[:4], plain["plain"][:4]), "the first shard's bits are not the unsharded ones"
 
 
 def scenario_resume(mesh, rank: int, world: int) -> None:
@@ -201,30 +264,62 @@ def scenario_refresh(mesh, rank: int, world: int) -> None:
     spectrum = ((U * torch.logspace(0, -3, 20, dtype=torch.float64)) @ V.T).float()
     deficient = (torch.randn(m, 3, generator=gen) @ torch.randn(3, n, generator=gen))
     for name, G in (("spectrum", spectrum), ("zero", torch.zeros(m, n)), ("rank 3", deficient)):
+        G = G.to(DEVICE)
         D = distribute_tensor(G, mesh, rows_on_last_mesh_dim(mesh, Shard(0)))
         split = sharded.row_split(D, "G")
         for side in ("left", "right"):
             for niter in (0, 2):
                 kwargs = dict(method="randomized", oversample=None, niter=niter)
                 left, right = sharded.projection_bases(
-                    D.to_local(), split, rank_r, side, generator=torch.Generator().manual_seed(9), **kwargs)
+                    D.to_local(), split, rank_r, side, generator=torch.Generator(DEVICE).manual_seed(9), **kwargs)
                 ref_left, ref_right = projection_bases(
-                    G, rank_r, side, generator=torch.Generator().manual_seed(9), backend=REFERENCE_REFRESH, **kwargs)
+                    G, rank_r, side, generator=torch.Generator(DEVICE).manual_seed(9), backend=REFERENCE_REFRESH, **kwargs)
                 basis = split.gather(left) if side == "left" else right
                 ref = ref_left if side == "left" else ref_right
                 gram = basis.mT @ basis if side == "left" else basis @ basis.mT
-                assert torch.allclose(gram, torch.eye(rank_r), atol=1e-5), f"{name} {side} niter={niter}: not orthonormal"
+                assert torch.allclose(gram, torch.eye(rank_r, device=DEVICE), atol=1e-5), f"{name} {side} niter={niter}: not orthonormal"
                 if name == "spectrum":
                     err = (basis - ref).abs().max().item()
                     assert err < 1e-4, f"{name} {side} niter={niter}: differs from the unsharded basis by {err:.1e}"
                 elif name == "rank 3":  # beyond G's rank the basis is an arbitrary complement: G's span must be in it
                     residual = G - basis @ (basis.mT @ G) if side == "left" else G - (G @ basis.mT) @ basis
                     assert residual.norm() < 1e-4 * G.norm(), f"{name} {side} niter={niter}: misses G's span"
+        # svd="exact": one SVD of the gathered gradient, by the first rank, broadcast: the unsharded bits.
+        left, right = sharded.projection_bases(D.to_local(), split, rank_r, "full", method="exact", oversample=None,
+                                               niter=None, generator=None)
+        ref_left, ref_right = projection_bases(G, rank_r, "full", method="exact", oversample=None, niter=None,
+                                               generator=None, backend=REFERENCE_REFRESH)
+        assert torch.equal(split.gather(left), ref_left) and torch.equal(right, ref_right), f"{name}: exact bases differ"
+
+
+def scenario_replicated(mesh, rank: int, world: int) -> None:
+    """Replicated DTensor parameters (a 2-D GaLore weight, a 0-d scalar) step as plain tensors do, bit
+    for bit: nothing to sum, state replicated."""
+    gen = torch.Generator().manual_seed(8)
+    values = [torch.randn(8, 6, generator=gen).to(DEVICE), torch.randn((), generator=gen).to(DEVICE)]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    replicated = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Replicate()] * mesh.ndim)) for v in values]
+
+    def optimizer(params):  # sharded refreshes run on the reference: so does the plain run's, for equal bits
+        return GaLoreAdamW([{"params": [params[0]], "rank": 2, "update_proj_gap": 2}, {"params": [params[1]]}],
+                           lr=1e-2, weight_decay=0.1, refresh_backend="reference")
+
+    opt_plain, opt_replicated = optimizer(plain), optimizer(replicated)
+    for step in range(4):
+        grads = [torch.randn(v.shape, generator=gen).to(DEVICE) for v in values]
+        for p, q, g in zip(plain, replicated, grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, [Replicate()] * mesh.ndim)
+        opt_plain.step()
+        opt_replicated.step()
+    for p, q in zip(plain, replicated):
+        assert torch.equal(q.to_local(), p), f"replicated parameter of shape {tuple(p.shape)} differs"
+    assert_replicas_equal(opt_replicated, "replicated parameters")
 
 
 def scenario_refusals(mesh, rank: int, world: int) -> None:
     """Layouts the optimizer cannot step are refused at construction, naming the parameter and the fix."""
-    column_sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, rows_on_last_mesh_dim(mesh, Shard(1))))
+    column_sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6, device=DEVICE), mesh, rows_on_last_mesh_dim(mesh, Shard(1))))
     try:
         GaLoreAdamW([{"params": [column_sharded], "rank": 2}])
     except ValueError as err:
@@ -247,12 +342,15 @@ def scenario_refusals(mesh, rank: int, world: int) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     # Four ranks: HSDP, each half of the ranks holding a replica of the sharded model.
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if world == 4 else \
-        init_device_mesh("cpu", (world,))
-    torch.use_deterministic_algorithms(True)
+    mesh = init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("replicate", "shard")) if world == 4 else \
+        init_device_mesh(DEVICE, (world,))
+    if DEVICE == "cpu":
+        torch.use_deterministic_algorithms(True)
     for name in sys.argv[1:]:
         globals()[f"scenario_{name}"](mesh, rank, world)
         dist.barrier()

@@ -99,6 +99,7 @@ def galore_adamw_update_reference(
     correct_bias: bool,
     rounding_seed: Optional[int] = None,  # the parameter's random seed (bf16 moments, stochastic rounding)
     stochastic_rounding: bool = False,  # bf16 weights rounded stochastically
+    weight_rounding_seed: Optional[int] = None,  # the weight's own seed, if not rounding_seed (a shard's rows)
 ) -> None:
     """Adam on the (projected) gradient, back-projection, then decoupled decay after the update."""
     m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
@@ -121,7 +122,8 @@ def galore_adamw_update_reference(
         target.add_(target, alpha=-lr * weight_decay)
     if target is not param:
         if stochastic_rounding and param.dtype == torch.bfloat16:
-            target = stochastic_round_reference(target, seed, step, WEIGHT_STREAM)
+            weight_seed = seed if weight_rounding_seed is None else weight_rounding_seed
+            target = stochastic_round_reference(target, weight_seed, step, WEIGHT_STREAM)
         param.copy_(target)
 
 

@@ -286,7 +286,8 @@ def project_triton(grad: Tensor, proj_left: Optional[Tensor], proj_right: Option
 def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                   proj_left: Optional[Tensor], proj_right: Optional[Tensor], *, side, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
-                  correct_bias: bool, rounding_seed: Optional[int] = None, stochastic_rounding: bool = False) -> None:
+                  correct_bias: bool, rounding_seed: Optional[int] = None, stochastic_rounding: bool = False,
+                  weight_rounding_seed: Optional[int] = None) -> None:
     """``reference.galore_adamw_update_reference`` on the Adam and back-projection kernels (for a
     parameter without a rank: the dense Adam kernel, which reads the float32 gradient as it is)."""
     dense_fits = side is None and lowrank_grad.dtype == torch.float32 and kernel_fits(lowrank_grad, lowrank_grad)
@@ -294,12 +295,16 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
         return reference_step.galore_adamw_update_reference(
             param, lowrank_grad, exp_avg, exp_avg_sq, proj_left, proj_right, side=side, step=step, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, correct_bias=correct_bias,
-            rounding_seed=rounding_seed, stochastic_rounding=stochastic_rounding)
+            rounding_seed=rounding_seed, stochastic_rounding=stochastic_rounding,
+            weight_rounding_seed=weight_rounding_seed)
     _check_rounding(None, stochastic_rounding, 1, param.dtype, param.device)
     steps, lr_t = _device_scalars(step, lr, param.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=param.device)  # the caller checked the gradient
     seeds = _device_seed(rounding_seed, param.device)
     if side is None:
+        if weight_rounding_seed not in (None, rounding_seed):  # one kernel rounds the weight and its moments
+            raise ValueError("update_triton: a parameter without projection takes one rounding seed, "
+                             f"got rounding_seed={rounding_seed} and weight_rounding_seed={weight_rounding_seed}.")
         dense_adamw_triton([param], [lowrank_grad], [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
                            beta2=beta2, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                            rounding_seeds=seeds, stochastic_rounding=stochastic_rounding)
@@ -310,8 +315,9 @@ def update_triton(param: Tensor, lowrank_grad: Tensor, exp_avg: Tensor, exp_avg_
     normalized = lowrank_adam_triton(lowrank, [exp_avg], [exp_avg_sq], steps, lr_t, nonfinite, beta1=beta1,
                                      beta2=beta2, eps=eps, scale=scale, correct_bias=correct_bias,
                                      out_dtype=param.dtype, rounding_seeds=seeds)
+    weight_seeds = seeds if weight_rounding_seed is None else _device_seed(weight_rounding_seed, param.device)
     back_apply_triton([param], normalized, [basis], lr_t, nonfinite, side=side, weight_decay=weight_decay,
-                      stochastic_rounding=stochastic_rounding, rounding_seeds=seeds, steps=steps)
+                      stochastic_rounding=stochastic_rounding, rounding_seeds=weight_seeds, steps=steps)
     return None
 
 

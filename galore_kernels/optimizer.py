@@ -208,8 +208,12 @@ class GaLoreAdamW(Optimizer):
             plan.steps_left -= 1
         for side, device, params in buckets:
             self._launch_bucket(group, side, device, params)
+        split_params = [p for p in singles if self.row_split(p) is not None] if self._has_sharded else []
         for p in singles:
-            self.step_param(p, p.grad)
+            if not split_params or self.row_split(p) is None:
+                self.step_param(p, p.grad)
+        if split_params:
+            self._step_sharded(split_params)
         if plan is not None:
             plan.steps = tuple(state["step"] for state in plan.states)
         elif self._state_version == version:  # nothing refreshed or created after the layout
@@ -233,6 +237,22 @@ class GaLoreAdamW(Optimizer):
         for split, params in by_group.values():
             finite, fit = split.agree(self._local_flags(params, [p.grad for p in params]))
             self._sharded_this_step.update(zip(map(id, params), zip(finite, fit)))
+
+    def _step_sharded(self, params: list[Tensor]) -> None:
+        """A group's sharded parameters: each checked, refreshed when due and projected on its rows;
+        then the projections that sum over the ranks (left, full) all-reduced together, one call per
+        process group instead of one per parameter; then each updated."""
+        ready = [p for p in params if self.prepare(p, p.grad) is not False]
+        lowranks = []
+        for p in ready:
+            side, state, backend = self.side(p), self.state[p], self._step_backend(p)
+            lowranks.append(sharded.project_rows(backend, p.grad, state.get("proj_left"), state.get("proj_right"), side))
+        sharded.sum_together([(self.row_split(p), lowrank) for p, lowrank in zip(ready, lowranks)
+                              if self.side(p) in ("left", "full")])
+        for p, lowrank in zip(ready, lowranks):
+            tensors, scalars = self._advance(p)
+            sharded.update(self._step_backend(p), p, lowrank, tensors, scalars, self.row_split(p),
+                           self._sharded_flags(p, p.grad)[1])
 
     def _local_flags(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
         """(2, P): each gradient finite here, the kernels fit here (one host-to-device copy)."""

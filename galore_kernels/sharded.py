@@ -5,8 +5,8 @@ local rows, and no rank ever gathers a whole gradient (DESIGN.md "Randomized sub
 
 - right side (``R = G Q^T``, m x r): the rows of ``R``, ``M``, ``V`` and ``N`` follow W's rows, and the
   basis ``Q`` (r x n) is the same on every rank. A step needs no communication at all.
-- left side (``R = P^T G``, r x n): ``P``'s rows follow W's, so ``R`` is a sum over the ranks: one
-  all-reduce of r x n a step. ``M``, ``V``, ``N`` are then the same on every rank (each computes the
+- left side (``R = P^T G``, r x n): ``P``'s rows follow W's, so ``R`` is a sum over the ranks: an
+  all-reduce of r x n a step (``optimizer.step()`` sums a param group's together, in one call). ``M``, ``V``, ``N`` are then the same on every rank (each computes the
   same Adam update from the same ``R``), and ``W``'s rows take ``P_i N``.
 - ``full``: one all-reduce of r x r a step.
 - a randomized refresh runs the reference algorithm with its row sums (Grams, products with ``G^T``)
@@ -255,11 +255,33 @@ def _backend_for(backend, held: Tensor):
     return backend if held.numel() > 0 else REFERENCE_STEP
 
 
+def project_rows(backend, grad: Tensor, proj_left, proj_right, side: Optional[str]) -> Tensor:
+    """This rank's part of the projected gradient (float32): the whole of it on the right (its rows),
+    a partial sum over this rank's rows on the left and ``full``; the gradient itself without side."""
+    held = local(grad)
+    if side is None:
+        return held if held.dtype == torch.float32 else held.float()
+    return _backend_for(backend, held).project(held, local(proj_left), local(proj_right), side)
+
+
 def project(backend, grad: Tensor, proj_left, proj_right, side: str, split: RowSplit) -> Tensor:
     """The projected gradient (float32) from this rank's rows; summed over the ranks on the left."""
-    held = local(grad)
-    lowrank = _backend_for(backend, held).project(held, local(proj_left), local(proj_right), side)
+    lowrank = project_rows(backend, grad, proj_left, proj_right, side)
     return split.sum(lowrank) if side in ("left", "full") else lowrank
+
+
+def sum_together(partials: list[tuple[RowSplit, Tensor]]) -> None:
+    """Each partial sum summed over its split's ranks, in place: one all-reduce per process group of
+    the partials laid end to end, instead of one per tensor (latency, not bytes, bounds them)."""
+    by_group: dict[int, list[Tensor]] = {}
+    for split, partial in partials:
+        if split.group is not None:
+            by_group.setdefault(id(split.group), [split.group]).append(partial)
+    for group, *tensors in by_group.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=group)
+        for t, summed in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(summed.view_as(t))
 
 
 def kernels_fit(backend, p: Tensor, grad: Tensor) -> bool:
@@ -289,10 +311,7 @@ def update(backend, p: Tensor, lowrank: Tensor, tensors: tuple, scalars: dict, s
 
 def step(backend, p: Tensor, grad: Tensor, tensors: tuple, scalars: dict, split: RowSplit,
          kernels_everywhere: bool) -> None:
-    exp_avg, exp_avg_sq, proj_left, proj_right = tensors
-    side = scalars["side"]
-    if side is None:
-        lowrank = local(grad) if grad.dtype == torch.float32 else local(grad).float()
-    else:
-        lowrank = project(backend, grad, proj_left, proj_right, side, split)
+    """One parameter's step (optimizer.step_param); optimizer.step() sums the group's projections together."""
+    _, _, proj_left, proj_right = tensors
+    lowrank = project(backend, grad, proj_left, proj_right, scalars["side"], split)
     update(backend, p, lowrank, tensors, scalars, split, kernels_everywhere)

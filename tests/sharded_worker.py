@@ -103,8 +103,9 @@ def scenario_training(mesh, rank: int, world: int) -> None:
     Randomized refreshes: the single-process run computes its own gradients. Exact refreshes (a
     full SVD, whose singular vectors' signs can flip under rounding-level changes of G, as in
     galore-torch): the single-process optimizer is fed the sharded run's gradients, gathered."""
+    trained = {}
     for svd in ("randomized", "exact"):
-        reference, model = make_model(), shard(make_model(), mesh)
+        reference, model = trained[svd] = make_model(), shard(make_model(), mesh)
         assert tuple(model[0].weight.placements) == tuple(rows_on_last_mesh_dim(mesh, Shard(0)))
         opt_ref = GaLoreAdamW(param_groups(reference, svd), lr=1e-2, weight_decay=0.1)
         opt = GaLoreAdamW(param_groups(model, svd), lr=1e-2, weight_decay=0.1)
@@ -136,6 +137,16 @@ def scenario_training(mesh, rank: int, world: int) -> None:
                 whole = value.full_tensor()
                 err = ((whole - state_ref[key]).abs().max() / state_ref[key].abs().max().clamp_min(1e-30)).item()
                 assert err <= 1e-3, f"{key} of {tuple(p.shape)} differs by {err:.2e}"
+    # step_param, one parameter at a time (its own all-reduces), as step() (the group's summed together).
+    one_by_one = shard(make_model(), mesh)
+    opt = GaLoreAdamW(param_groups(one_by_one, "randomized"), lr=1e-2, weight_decay=0.1)
+    for x in batches(7):
+        one_by_one(x.chunk(world)[rank]).square().mean().backward()
+        for p in one_by_one.parameters():
+            opt.step_param(p, p.grad)
+        opt.zero_grad()
+    assert_close(trained["randomized"][1], one_by_one, RELATIVE_TOL, "step_param")
+    assert_replicas_equal(opt, "step_param")
 
 
 def scenario_triton(mesh, rank: int, world: int) -> None:
@@ -197,13 +208,28 @@ def scenario_rounding(mesh, rank: int, world: int, backend: str = "auto") -> Non
     assert torch.equal(split["plain"].full_tensor()[:4], plain["plain"][:4]), "the first shard's bits are not the unsharded ones"
 
 
+def save_checkpoint(model, opt, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+
+
+def load_checkpoint(model, opt, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    loaded = {"model": model_state, "optim": optim_state}
+    dcp.load(loaded, checkpoint_id=folder)
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+
+
 def scenario_resume(mesh, rank: int, world: int) -> None:
     """A run saved after 4 steps with torch.distributed.checkpoint and resumed into a new model and
     optimizer ends bit for bit where the uninterrupted run ends; so does an in-memory state_dict
     round trip."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     data = batches(7)
     straight = shard(make_model(), mesh)
     train(straight, GaLoreAdamW(param_groups(straight, "randomized"), lr=1e-2), data, rank, world)
@@ -213,15 +239,11 @@ def scenario_resume(mesh, rank: int, world: int) -> None:
     train(first, opt_first, data[:4], rank, world)
     folder = [tempfile.mkdtemp() if rank == 0 else None]
     dist.broadcast_object_list(folder)
-    model_state, optim_state = get_state_dict(first, opt_first)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder[0])
+    save_checkpoint(first, opt_first, folder[0])
 
     resumed = shard(make_model(), mesh)
     opt_resumed = GaLoreAdamW(param_groups(resumed, "randomized"), lr=1e-2)
-    model_state, optim_state = get_state_dict(resumed, opt_resumed)
-    loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=folder[0])
-    set_state_dict(resumed, opt_resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    load_checkpoint(resumed, opt_resumed, folder[0])
     train(resumed, opt_resumed, data[4:], rank, world)
     assert_close(straight, resumed, 0.0, "resumed through torch.distributed.checkpoint")
 
@@ -230,6 +252,29 @@ def scenario_resume(mesh, rank: int, world: int) -> None:
     opt_again.load_state_dict(opt_first.state_dict())
     train(first, opt_again, data[4:], rank, world)
     assert_close(straight, first, 0.0, "resumed from an in-memory state_dict")
+
+
+def scenario_save(mesh, rank: int, world: int) -> None:
+    """The first 4 of 7 steps, saved with torch.distributed.checkpoint to $GALORE_SHARDED_CHECKPOINT."""
+    model = shard(make_model(), mesh)
+    opt = GaLoreAdamW(param_groups(model, "randomized"), lr=1e-2)
+    train(model, opt, batches(7)[:4], rank, world)
+    save_checkpoint(model, opt, os.environ["GALORE_SHARDED_CHECKPOINT"])
+
+
+def scenario_resume_resharded(mesh, rank: int, world: int) -> None:
+    """scenario_save's checkpoint, written at another world size, resumed here for the last 3 steps:
+    the run ends where 7 single-process steps end (to rounding), replicas equal."""
+    data = batches(7)
+    reference = make_model()
+    train(reference, GaLoreAdamW(param_groups(reference, "randomized"), lr=1e-2), data, 0, 1)
+    model = shard(make_model(), mesh)
+    opt = GaLoreAdamW(param_groups(model, "randomized"), lr=1e-2)
+    load_checkpoint(model, opt, os.environ["GALORE_SHARDED_CHECKPOINT"])
+    assert all(state["step"] == 4 for state in opt.state.values())
+    train(model, opt, data[4:], rank, world)
+    assert_close(reference, model, RELATIVE_TOL, "resumed at another world size")
+    assert_replicas_equal(opt, "resumed at another world size")
 
 
 def scenario_nonfinite(mesh, rank: int, world: int) -> None:

@@ -26,6 +26,13 @@ def test_two_ranks_train_resume_skip_refresh_round_and_refuse():
     run_ranks(2, "training", "resume", "nonfinite", "refresh", "replicated", "rounding", "refusals")
 
 
+def test_checkpoint_of_two_ranks_resumes_on_three(tmp_path):
+    """torch.distributed.checkpoint reshards the optimizer's DTensor state: saved at 2 ranks, resumed at 3."""
+    checkpoint = str(tmp_path / "checkpoint")
+    run_ranks(2, "save", GALORE_SHARDED_CHECKPOINT=checkpoint)
+    run_ranks(3, "resume_resharded", GALORE_SHARDED_CHECKPOINT=checkpoint)
+
+
 def test_three_ranks_train_and_refresh():
     """Three-way sums, and two ranks without rows of the 1-row weight."""
     run_ranks(3, "training", "refresh")

@@ -239,20 +239,23 @@ class GaLoreAdamW(Optimizer):
             self._sharded_this_step.update(zip(map(id, params), zip(finite, fit)))
 
     def _step_sharded(self, params: list[Tensor]) -> None:
-        """A group's sharded parameters: each checked, refreshed when due and projected on its rows;
-        then the projections that sum over the ranks (left, full) all-reduced together, one call per
-        process group instead of one per parameter; then each updated."""
+        """A group's sharded parameters: each checked and refreshed when due; the projections that sum
+        over the ranks (left, full: r x n, small) made first and all-reduced together, one call per
+        process group instead of one per parameter; then each parameter projected (right, plain: one
+        at a time, as their float32 copies are the size of the gradient) and updated."""
         ready = [p for p in params if self.prepare(p, p.grad) is not False]
-        lowranks = []
+        summed = {id(p): self._project_rows(p) for p in ready if self.side(p) in ("left", "full")}
+        sharded.sum_together([(self.row_split(p), summed[id(p)]) for p in ready if id(p) in summed])
         for p in ready:
-            side, state, backend = self.side(p), self.state[p], self._step_backend(p)
-            lowranks.append(sharded.project_rows(backend, p.grad, state.get("proj_left"), state.get("proj_right"), side))
-        sharded.sum_together([(self.row_split(p), lowrank) for p, lowrank in zip(ready, lowranks)
-                              if self.side(p) in ("left", "full")])
-        for p, lowrank in zip(ready, lowranks):
+            lowrank = summed.pop(id(p)) if id(p) in summed else self._project_rows(p)
             tensors, scalars = self._advance(p)
             sharded.update(self._step_backend(p), p, lowrank, tensors, scalars, self.row_split(p),
                            self._sharded_flags(p, p.grad)[1])
+
+    def _project_rows(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        return sharded.project_rows(self._step_backend(p), p.grad, state.get("proj_left"), state.get("proj_right"),
+                                    self.side(p))
 
     def _local_flags(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
         """(2, P): each gradient finite here, the kernels fit here (one host-to-device copy)."""
@@ -489,10 +492,16 @@ class GaLoreAdamW(Optimizer):
     @torch.no_grad()
     def step_param(self, p: Tensor, grad: Tensor) -> bool:
         """One update of ``p`` from its full gradient; False when a non-finite gradient skipped it."""
+        split = self.row_split(p)
+        if split is not None and id(p) not in self._sharded_this_step:  # outside step(): agree once, here
+            self._sharded_this_step[id(p)] = self._sharded_flags(p, grad)
+            try:
+                return self.step_param(p, grad)
+            finally:
+                self._sharded_this_step.pop(id(p), None)
         if self.prepare(p, grad) is False:
             return False
         tensors, scalars = self._advance(p)
-        split = self.row_split(p)
         if split is None:
             self._step_backend(p).step(p, grad, *tensors, **scalars)
         else:

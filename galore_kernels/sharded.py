@@ -194,25 +194,28 @@ def _exact_bases(grad: Tensor, split: RowSplit, rank: int, side: str) -> tuple[O
     """galore-torch's SVD of the gathered gradient, computed by the group's first rank and broadcast
     (an SVD gives no sign guarantee: the ranks' row blocks of P must come from one factorisation)."""
     whole = split.gather(grad.float())
-    if split.group is None:
-        left, right = unsharded_bases(whole, rank, side, method="exact", oversample=None, niter=None,
-                                      generator=None, backend=None)
-        return left, right
     m, n = whole.shape
-    shapes = {"left": (m, rank), "right": (rank, n)}
     sides = [key for key in ("left", "right") if side in (key, "full")]
-    if split.index == 0:
-        left, right = unsharded_bases(whole, rank, side, method="exact", oversample=None, niter=None,
-                                      generator=None, backend=None)
-        bases = {"left": left, "right": right}
-        bases = {key: bases[key].contiguous() for key in sides}
+    shapes = {"left": (m, rank), "right": (rank, n)}
+    failure = None
+    if split.index == 0:  # also a replicated tensor's only "rank"
+        try:
+            left, right = unsharded_bases(whole, rank, side, method="exact", oversample=None, niter=None,
+                                          generator=None, backend=None)
+            bases = {key: basis.contiguous() for key, basis in (("left", left), ("right", right)) if key in sides}
+        except RuntimeError as err:  # the other ranks wait in the broadcast: send them NaN, then all raise
+            failure = err
+            bases = {key: torch.full(shapes[key], float("nan"), device=grad.device) for key in sides}
     else:
         bases = {key: torch.empty(shapes[key], dtype=torch.float32, device=grad.device) for key in sides}
-    source = dist.get_global_rank(split.group, 0)
-    for key in sides:
-        dist.broadcast(bases[key], src=source, group=split.group)
-    left = split.take(bases["left"]) if "left" in bases else None
-    return left, bases.get("right")
+    if split.group is not None:
+        for key in sides:
+            dist.broadcast(bases[key], src=dist.get_global_rank(split.group, 0), group=split.group)
+    if failure is not None or any(bool(basis.isnan().any()) for basis in bases.values()):
+        raise RuntimeError("svd='exact' failed on the first rank of the parameter's process group "
+                           f"({failure or 'see that rank'}); use svd='randomized' for this group.") from failure
+    # A copy of this rank's rows: a view would keep the whole (m, r) basis alive on every rank.
+    return (split.take(bases["left"]).clone() if "left" in bases else None), bases.get("right")
 
 
 def canonical_signs_split(P: Tensor, split: RowSplit) -> Tensor:  # (m_i, r) -> same

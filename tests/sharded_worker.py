@@ -89,11 +89,15 @@ def assert_replicas_equal(opt: GaLoreAdamW, what: str) -> None:
             mine.append(((index, key, rows), value.to_local().detach().cpu()))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    for entries in zip(*everyone):
-        first_key, first = entries[0]
-        for key, value in entries[1:]:
-            if key == first_key:
-                assert torch.equal(value, first), f"{what}: replicas of parameter {key[0]}'s {key[1]} differ"
+    listed = [[key[:2] for key, _ in entries] for entries in everyone]
+    assert all(names == listed[0] for names in listed), f"{what}: the ranks hold different state entries"
+    held: dict = {}
+    for entries in everyone:
+        for key, value in entries:
+            held.setdefault(key, []).append(value)
+    for key, values in held.items():
+        for value in values[1:]:
+            assert torch.equal(value, values[0]), f"{what}: replicas of parameter {key[0]}'s {key[1]} (rows {key[2]}) differ"
 
 
 def scenario_training(mesh, rank: int, world: int) -> None:
@@ -347,7 +351,7 @@ def scenario_replicated(mesh, rank: int, world: int) -> None:
 
     def optimizer(params):  # sharded refreshes run on the reference: so does the plain run's, for equal bits
         return GaLoreAdamW([{"params": [params[0]], "rank": 2, "update_proj_gap": 2}, {"params": [params[1]]}],
-                           lr=1e-2, weight_decay=0.1, refresh_backend="reference")
+                           lr=1e-2, weight_decay=0.1, refresh_backend="reference", backend="reference")
 
     opt_plain, opt_replicated = optimizer(plain), optimizer(replicated)
     for step in range(4):

@@ -13,7 +13,8 @@ local rows, and no rank ever gathers a whole gradient (DESIGN.md "Randomized sub
   all-reduced over the ranks (:class:`RowSplit`): k x k and n x k all-reduces. Every rank draws the
   whole sketch from the same seeded generator, so the basis equals the unsharded one up to rounding.
   ``svd="exact"`` gathers the gradient for its SVD (galore-torch's method; no sketch to split).
-- the non-finite guard is global: when any rank's rows of ``G`` are not finite, every rank skips.
+- the non-finite guard is global: when any rank's rows of ``G`` are not finite, every rank of the
+  mesh skips (HSDP's replicas too).
 - replicated state stays identical on every rank: a step whose moments are replicated (left, ``full``)
   runs the Triton kernels only where every rank can (else the reference everywhere), and ``svd="exact"``
   is computed by the group's first rank and broadcast.
@@ -70,6 +71,7 @@ class RowSplit(reference_refresh.Rows):
     group: object  # the process group of the sharded mesh dimension; None: replicated, nothing to reduce
     counts: tuple  # rows held by each rank of that group
     index: int  # this rank's position in the group
+    replica_groups: tuple = ()  # the process groups of the mesh's replicated dimensions (HSDP's replicas)
 
     @property
     def offset(self) -> int:
@@ -99,11 +101,13 @@ class RowSplit(reference_refresh.Rows):
         return Y.narrow(-2, self.offset, self.counts[self.index])
 
     def agree(self, flags: Tensor) -> list:
-        """Each flag (any shape; 1 true, 0 false) true on every rank: one all-reduce, one wait of the
-        host. Returns flags.tolist() as booleans."""
+        """Each flag (any shape; 1 true, 0 false) true on every rank of the mesh: one all-reduce per
+        mesh dimension (the replicas of HSDP too: a rank that skips or falls back alone would leave
+        its replicas behind), one wait of the host. Returns flags.tolist() as booleans."""
         flags = flags.to(torch.float32).contiguous()
-        if self.group is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+        for group in (self.group, *self.replica_groups):
+            if group is not None:
+                dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
         return [[value == 1.0 for value in row] for row in flags.tolist()]
 
     def rounding_seed(self, seed: Optional[int]) -> Optional[int]:
@@ -132,7 +136,7 @@ def row_split(p: Tensor, where: str) -> Optional[RowSplit]:
     mesh = p.device_mesh
     sharded = [d for d, placement in enumerate(placements) if not isinstance(placement, Replicate)]
     if not sharded:  # replicated everywhere: every rank holds and steps the whole tensor
-        return RowSplit(mesh, placements, None, (p.shape[0] if p.dim() else 1,), 0)
+        return RowSplit(mesh, placements, None, (p.shape[0] if p.dim() else 1,), 0, _groups(mesh, range(mesh.ndim)))
     if len(sharded) != 1 or not isinstance(placements[sharded[0]], Shard) or placements[sharded[0]].dim % p.dim() != 0:
         raise ValueError(
             f"{where} is a DTensor with placements {placements}; GaLoreAdamW steps DTensors sharded on their first "
@@ -149,7 +153,13 @@ def row_split(p: Tensor, where: str) -> Optional[RowSplit]:
             f"{where} holds {held} of its {rows} rows on this rank, but Shard(0) over {size} ranks gives "
             f"{counts[index]} (torch.chunk's split); GaLoreAdamW supports that split only (fully_shard's default "
             "shard_placement_fn).")
-    return RowSplit(mesh, placements, mesh.get_group(mesh_dim), counts, index)
+    replicated = [d for d in range(mesh.ndim) if d != mesh_dim]
+    return RowSplit(mesh, placements, mesh.get_group(mesh_dim), counts, index, _groups(mesh, replicated))
+
+
+def _groups(mesh, dims) -> tuple:
+    """The process groups of ``mesh``'s dimensions ``dims`` that have more than one rank."""
+    return tuple(mesh.get_group(d) for d in dims if mesh.size(d) > 1)
 
 
 def check_grad(grad: Tensor, p: Tensor, where: str) -> None:

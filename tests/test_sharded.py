@@ -38,9 +38,10 @@ def test_three_ranks_train_and_refresh():
     run_ranks(3, "training", "refresh")
 
 
-def test_four_ranks_as_hsdp_train_refresh_and_refuse():
-    """HSDP: a 2 x 2 mesh, placements (Replicate(), Shard(0)); sums run over the shard dimension."""
-    run_ranks(4, "training", "refresh", "rounding", "refusals")
+def test_four_ranks_as_hsdp_train_refresh_skip_and_refuse():
+    """HSDP: a 2 x 2 mesh, placements (Replicate(), Shard(0)); sums run over the shard dimension, and
+    a NaN on one rank skips the parameter in both replicas."""
+    run_ranks(4, "training", "refresh", "rounding", "nonfinite", "refusals")
 
 
 def test_readme_fsdp2_example_runs_as_written(tmp_path):

@@ -682,8 +682,7 @@ class GaLoreAdamW(Optimizer):
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
         else:  # the moments' rows follow the weight's rows unless the projection is on the left
             rows_split = side in (None, "right")
-            held = shape if not rows_split else tuple(sharded.local(p).shape) if side is None else \
-                (sharded.local(p).shape[0], shape[1])
+            held = (*sharded.local(p).shape[:1], *shape[1:]) if rows_split else shape  # (): a 0-d parameter
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = split.dtensor(torch.zeros(held, dtype=dtype, device=p.device), rows_split, shape)
         if side is not None:
@@ -784,7 +783,7 @@ class GaLoreAdamW(Optimizer):
             state["proj_gap"] = base
             state["next_refresh"] = state["step"] + base - refresh_phase(group, position)
             return
-        overlap = subspace_overlap(state, new) if split is None else sharded.subspace_overlap(state, new, split)
+        overlap = subspace_overlap(state, new, sharded.LOCAL_ROWS if split is None else split)
         gap = state["proj_gap"]
         gap = min(2 * gap, longest) if overlap >= group["adaptive_overlap"] else max(gap // 2, base)
         state["proj_gap"] = gap
@@ -914,14 +913,17 @@ def lowrank_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, in
     return {"left": (rank, n), "right": (m, rank), "full": (rank, rank)}[side]
 
 
-def subspace_overlap(old: dict, new: dict) -> float:
+def subspace_overlap(old: dict, new: dict, rows: sharded.Rows = sharded.LOCAL_ROWS) -> float:
     """Mean over the projected sides of ||B_old^T B_new||_F^2 / r: 1 for the same subspace, about
-    r / dim for unrelated ones (in float32, whatever dtype the stored bases have)."""
+    r / dim for unrelated ones (in float32, whatever dtype the stored bases have). ``rows``: where
+    P's rows are (a sharded parameter's old P is a DTensor, its new one this rank's rows)."""
     overlaps = []
-    if "proj_left" in new:  # (m, r) columns
-        overlaps.append((old["proj_left"].float().T @ new["proj_left"].float()).square().sum() / new["proj_left"].shape[1])
+    if "proj_left" in new:  # (m, r) columns: the product sums over P's rows
+        cross = rows.sum(sharded.local(old["proj_left"]).float().T @ new["proj_left"].float())
+        overlaps.append(cross.square().sum() / new["proj_left"].shape[1])
     if "proj_right" in new:  # (r, n) rows
-        overlaps.append((old["proj_right"].float() @ new["proj_right"].float().T).square().sum() / new["proj_right"].shape[0])
+        cross = sharded.local(old["proj_right"]).float() @ new["proj_right"].float().T
+        overlaps.append(cross.square().sum() / new["proj_right"].shape[0])
     return float(sum(overlaps) / len(overlaps))
 
 

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover
     DTensor = None
 
 
+Rows, LOCAL_ROWS = reference_refresh.Rows, reference_refresh.LOCAL_ROWS  # all rows here: a plain tensor's
 _SHARD_SEED_TAG = 0x243F6A8885A308D3  # keeps shard rounding seeds apart from the other derived seeds
 
 
@@ -63,7 +64,7 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @dataclass(frozen=True, eq=False)
-class RowSplit(reference_refresh.Rows):
+class RowSplit(Rows):
     """Rows of a DTensor split over one mesh dimension (torch.chunk's rule, as ``Shard(0)`` splits)."""
 
     mesh: object  # the parameter's DeviceMesh
@@ -248,18 +249,6 @@ def canonical_signs_split(P: Tensor, split: RowSplit) -> Tensor:  # (m_i, r) -> 
     first = (magnitudes == magnitudes.max(dim=0, keepdim=True).values).to(torch.int8).argmax(dim=0)
     sign = torch.sign(values.gather(0, first.unsqueeze(0)).squeeze(0))
     return P * torch.where(sign == 0, torch.ones_like(sign), sign)
-
-
-def subspace_overlap(old: dict, new: dict, split: RowSplit) -> float:
-    """optimizer.subspace_overlap with P's rows split (its Gram summed over the ranks)."""
-    overlaps = []
-    if "proj_left" in new:
-        cross = split.sum(local(old["proj_left"]).float().T @ new["proj_left"].float())
-        overlaps.append(cross.square().sum() / new["proj_left"].shape[1])
-    if "proj_right" in new:
-        cross = local(old["proj_right"]).float() @ new["proj_right"].float().T
-        overlaps.append(cross.square().sum() / new["proj_right"].shape[0])
-    return float(sum(overlaps) / len(overlaps))
 
 
 # ---------------------------------------------------------------------------------------------- step

@@ -225,16 +225,18 @@ class GaLoreAdamW(Optimizer):
 
     def _check_sharded_grads(self, group: dict) -> None:
         """For each sharded gradient of the group, whether it is finite on every rank and whether the
-        kernels take every rank's rows: one all-reduce per process group for the whole param group,
-        instead of one per parameter (:meth:`_sharded_flags` reads them)."""
+        kernels take every rank's rows: one agreement (an all-reduce per mesh dimension) per set of
+        process groups for the whole param group, instead of one per parameter (:meth:`_sharded_flags`
+        reads them)."""
         if not self._has_sharded:
             return
-        by_group: dict[int, tuple] = {}
+        by_groups: dict[tuple, tuple] = {}
         for p in group["params"]:
             split = self.row_split(p) if p.grad is not None else None
-            if split is not None:
-                by_group.setdefault(id(split.group), (split, []))[1].append(p)
-        for split, params in by_group.values():
+            if split is not None:  # parameters agree together only over the same groups
+                key = (id(split.group), *map(id, split.replica_groups))
+                by_groups.setdefault(key, (split, []))[1].append(p)
+        for split, params in by_groups.values():
             finite, fit = split.agree(self._local_flags(params, [p.grad for p in params]))
             self._sharded_this_step.update(zip(map(id, params), zip(finite, fit)))
 

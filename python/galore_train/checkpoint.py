@@ -5,6 +5,7 @@ Layout::
     <output_dir>/checkpoints/step-<N>/
         model.safetensors (or shards + model.safetensors.index.json, config.json, ...)
         training_state.pt     torch.save of a dict: optimizer, scheduler, trainer position, RNG, config
+        optimizer/            FSDP2 runs only: the optimizer state, sharded (torch.distributed.checkpoint)
         manifest.json         written last: every other file with its size and sha256
 
 A checkpoint is written into ``checkpoints/.tmp-step-<N>-<pid>/``; every file and the folder are
@@ -47,6 +48,7 @@ MANIFEST_NAME = "manifest.json"
 TRAINING_STATE_NAME = "training_state.pt"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+SHARDED_OPTIMIZER_DIRNAME = "optimizer"  # FSDP2 runs: the optimizer state, one file per rank (torch.distributed.checkpoint)
 FORMAT_VERSION = 1
 RNG_FORMAT_VERSION = 1
 
@@ -137,30 +139,31 @@ def restore_rng_state(state: dict) -> None:
 
 
 # =========================================================================================== save
-def save_checkpoint(output_dir: PathLike, step: int, *, model, training_state: dict) -> Path:
+def save_checkpoint(output_dir: PathLike, step: int, *, model, training_state: dict,
+                    model_state: Optional[dict] = None) -> Path:
     """Writes ``output_dir/checkpoints/step-<step>/`` atomically and returns its path.
 
     ``training_state`` must hold only what ``torch.load(weights_only=True)`` reads back: tensors,
     numbers, strings, bools, None, lists, tuples, dicts (also torch.Size/dtype/device). It is checked
     before anything is written, so a bad value fails the save instead of the later resume.
+    ``model_state``: the weights to write instead of ``model``'s own (FSDP2's gathered full state
+    dict; ``model`` then only names the format, through its ``save_pretrained``).
     """
-    try:
-        index = -1 if isinstance(step, bool) else operator.index(step)  # also numpy/torch integers
-    except TypeError:
-        index = -1
-    if index < 0:
-        raise CheckpointError(f"save_checkpoint: step={step!r} must be an integer >= 0.")
-    step = index
-    if not isinstance(training_state, dict):
-        raise CheckpointError(f"save_checkpoint: training_state must be a dict, got {type(training_state).__name__}.")
-    _check_weights_only_safe(training_state, "training_state")
+    _check_training_state(training_state)
+    tmp = begin_checkpoint(output_dir, step)
+    return finish_checkpoint(tmp, model=model, training_state=training_state, model_state=model_state)
 
+
+def begin_checkpoint(output_dir: PathLike, step: int) -> Path:
+    """The empty temporary folder of step ``step``'s checkpoint, for :func:`finish_checkpoint` (or
+    :func:`abandon_checkpoint`). Other processes may write into it in between (sharded optimizer
+    state); the manifest then lists their files too."""
+    step = _step_number(step)
     root = Path(output_dir) / CHECKPOINT_DIRNAME
     if not root.is_dir():
         root.mkdir(parents=True, exist_ok=True)
         _fsync_dir(root.parent)
     _cleanup_stale(root)
-    final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     with _ACTIVE_LOCK:
         if str(tmp) in _ACTIVE:
@@ -170,7 +173,23 @@ def save_checkpoint(output_dir: PathLike, step: int, *, model, training_state: d
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _save_model(model, tmp)
+    except BaseException:
+        abandon_checkpoint(tmp)
+        raise
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, *, model, training_state: dict, model_state: Optional[dict] = None) -> Path:
+    """Writes the model and ``training_state`` into ``tmp`` (from :func:`begin_checkpoint`), then the
+    manifest of every file there, and renames it to ``step-<N>``; on an error ``tmp`` is removed."""
+    match = _TEMP_RE.match(tmp.name)
+    if match is None or match.group(1) != "tmp":
+        raise CheckpointError(f"finish_checkpoint: {tmp} is not a folder from begin_checkpoint().")
+    step = int(match.group(2))
+    final = tmp.parent / f"step-{step}"
+    try:
+        _check_training_state(training_state)
+        _save_model(model, tmp, model_state)
         with open(tmp / TRAINING_STATE_NAME, "wb") as f:
             torch.save(training_state, f)
             f.flush()
@@ -203,6 +222,29 @@ def save_checkpoint(output_dir: PathLike, step: int, *, model, training_state: d
     return final
 
 
+def abandon_checkpoint(tmp: Path) -> None:
+    """Removes an unfinished checkpoint folder from :func:`begin_checkpoint`."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _ACTIVE_LOCK:
+        _ACTIVE.discard(str(tmp))
+
+
+def _step_number(step) -> int:
+    try:
+        index = -1 if isinstance(step, bool) else operator.index(step)  # also numpy/torch integers
+    except TypeError:
+        index = -1
+    if index < 0:
+        raise CheckpointError(f"save_checkpoint: step={step!r} must be an integer >= 0.")
+    return index
+
+
+def _check_training_state(training_state) -> None:
+    if not isinstance(training_state, dict):
+        raise CheckpointError(f"save_checkpoint: training_state must be a dict, got {type(training_state).__name__}.")
+    _check_weights_only_safe(training_state, "training_state")
+
+
 def _publish(tmp: Path, final: Path, step: int) -> None:
     """Moves the finished temporary folder to ``final``; an existing ``final`` is swapped out first
     and deleted only once the new one is in place."""
@@ -227,9 +269,16 @@ def _publish(tmp: Path, final: Path, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_model(model, folder: Path) -> None:
+def _save_model(model, folder: Path, state_dict: Optional[dict] = None) -> None:
     model = _unwrap(model)
     save_pretrained = getattr(model, "save_pretrained", None)
+    if state_dict is not None:
+        if not (callable(save_pretrained) and _accepts_kwarg(save_pretrained, "state_dict")):
+            raise CheckpointError(
+                f"save_checkpoint: a model_state needs a model whose save_pretrained() takes a state_dict "
+                f"(a transformers model); {type(model).__name__} has none.")
+        save_pretrained(str(folder), state_dict=state_dict)
+        return
     if callable(save_pretrained):
         if _accepts_kwarg(save_pretrained, "safe_serialization"):
             save_pretrained(str(folder), safe_serialization=True)

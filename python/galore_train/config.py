@@ -18,6 +18,8 @@ import yaml
 OPTIMIZER_TYPES = ("galore", "galore_layerwise", "adamw", "adamw8bit")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+# How torchrun's processes share the model: DDP replicas, or FSDP2 shards (fully_shard per block).
+DISTRIBUTED_MODES = ("ddp", "fsdp2")
 SVD_METHODS = ("randomized", "exact")
 REFRESH_POLICIES = ("fixed", "adaptive")
 STATE_DTYPES = ("float32", "bfloat16")
@@ -88,6 +90,7 @@ class TrainingConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: at each epoch's end only
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    distributed: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp2 (parameters, gradients, state sharded)
 
 
 @dataclass
@@ -276,6 +279,7 @@ def validate(config: Config, source: str) -> None:
          f"= {o.max_proj_gap} must be null or >= optimizer.update_proj_gap = {o.update_proj_gap}")
     choice(t.precision, "training.precision", PRECISIONS)
     choice(t.lr_scheduler, "training.lr_scheduler", LR_SCHEDULERS)
+    choice(t.distributed, "training.distributed", DISTRIBUTED_MODES)
     need(o.rank >= 1, "optimizer.rank", f"= {o.rank} must be >= 1")
     need(o.update_proj_gap >= 1, "optimizer.update_proj_gap", f"= {o.update_proj_gap} must be >= 1")
     need(o.scale > 0, "optimizer.scale", f"= {o.scale} must be > 0")

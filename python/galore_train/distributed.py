@@ -1,4 +1,4 @@
-"""Data-parallel plumbing: torchrun's environment in, DDP (gloo on CPU, nccl on GPU) out.
+"""Data-parallel plumbing: torchrun's environment in, DDP or FSDP2 (gloo on CPU, nccl on GPU) out.
 
 Every collective the trainer needs is a sum of a few numbers; each helper is a no-op in a single
 process, so the training loop reads the same either way.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,3 +79,68 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+def shard_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> None:
+    """FSDP2 in place: ``fully_shard`` on each transformer block, then on the root (embeddings, final
+    norm, head), over one mesh of all ranks. Each parameter becomes a DTensor holding this rank's
+    rows (``Shard(0)``); a block's parameters are gathered for its forward and backward only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules a transformers model says must not be split (``_no_split_modules``: its decoder
+    layers); without that attribute, the entries of its largest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The sharded model's whole state dict on rank 0, in CPU memory (empty on the other ranks); a
+    collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied weight comes back under each of its names as separate copies; keep the first name, as
+    # an unsharded model's save_pretrained does.
+    first_names = {name for name, _ in model.named_parameters()}
+    tied_aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
+    return {name: tensor for name, tensor in state.items() if name not in tied_aliases}
+
+
+def save_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
+    """Every rank writes its rows of the optimizer state into ``folder`` (torch.distributed.checkpoint:
+    one file per rank, replicated tensors once); a collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
+    """What :func:`save_sharded_optimizer` wrote, into ``optimizer``; a collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from .checkpoint import CheckpointError
+
+    if not (Path(folder) / ".metadata").is_file():
+        raise CheckpointError(
+            f"cannot resume from {Path(folder).parent}: it has no sharded optimizer state ({folder} is missing); "
+            "it was not written by a training.distributed: fsdp2 run.")
+    # The template has this run's shapes and placements (torch fills it by a zero-gradient step at
+    # lr 0); each rank reads the rows it holds now.
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -35,16 +35,22 @@ class OptimizerBundle:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, optimizer: bool = True) -> dict:
+        """Everything to resume; ``optimizer=False`` leaves the optimizer's own state out (FSDP2 runs
+        save it sharded, with torch.distributed.checkpoint)."""
         if self.layerwise is not None:
             return {"layerwise": self.layerwise.state_dict()}
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"scheduler": self.scheduler.state_dict()}
+        if optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, load_optimizer: Optional[Callable[[], None]] = None) -> None:
         """Loads the saved moments, bases and schedule position; the hyperparameters stay this run's
         config's (lr, betas, eps, weight decay, refresh settings: a resume may change them, and the
         keys it may not change are refused before this runs), and the learning rate is recomputed
-        from the schedule at the saved position (it follows a changed total of steps)."""
+        from the schedule at the saved position (it follows a changed total of steps).
+        ``load_optimizer``: loads the optimizer's state another way than from ``state["optimizer"]``."""
         if self.layerwise is not None:
             base_lrs = list(self.layerwise.base_lrs)
             settings = _group_settings(self.optimizer)
@@ -54,7 +60,10 @@ class OptimizerBundle:
             self.layerwise._apply_schedule()
             return
         settings = _group_settings(self.optimizer)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if load_optimizer is not None:
+            load_optimizer()
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _apply_group_settings(self.optimizer, settings)
         self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]

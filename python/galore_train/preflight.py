@@ -127,6 +127,8 @@ def check_combination(config: Config, *, world_size: int, device) -> None:
     """Refuses the setting combinations that would crash (or silently misbehave) later."""
     t, o, q = config.training, config.optimizer, config.quantization
     device = torch.device(device)
+    if t.distributed == "fsdp2":
+        check_fsdp2(config, world_size)
     if o.type == "galore_layerwise" and world_size > 1:
         raise PreflightError(
             f"optimizer.type: galore_layerwise cannot run with {world_size} processes: its hooks update each weight "
@@ -171,6 +173,29 @@ def check_combination(config: Config, *, world_size: int, device) -> None:
                 f"optimizer.type: adamw8bit cannot step on {device} with this bitsandbytes ({why}); set "
                 "optimizer.type: adamw (or galore), or run on a CUDA device"
             )
+
+
+def check_fsdp2(config: Config, world_size: int) -> None:
+    """training.distributed: fsdp2 shards the model across torchrun's processes; what cannot be sharded."""
+    t, o, q = config.training, config.optimizer, config.quantization
+    why = None
+    if world_size < 2:
+        why = ("it shards the model across processes and this is one process; launch with "
+               "`torchrun --nproc_per_node N -m galore_train ...` (N >= 2), or set training.distributed: ddp")
+    elif q.enabled:
+        why = ("FSDP2 cannot shard bitsandbytes' int8 weights; set quantization.enabled: false (the float model is "
+               "sharded instead), or training.distributed: ddp")
+    elif o.type == "galore_layerwise":
+        why = ("layer-wise hooks step each weight inside backward, before FSDP2 reduce-scatters its gradient; set "
+               "optimizer.type: galore (sharded GaLore steps each rank's rows), or training.distributed: ddp")
+    elif o.type == "adamw8bit":
+        why = ("bitsandbytes' AdamW8bit cannot step sharded (DTensor) parameters; set optimizer.type: adamw or "
+               "galore, or training.distributed: ddp")
+    elif t.precision == "fp16-mixed":
+        why = ("the loss scaler does not unscale sharded gradients here; set training.precision: bf16-mixed "
+               "(no scaler needed), or training.distributed: ddp")
+    if why is not None:
+        raise PreflightError(f"training.distributed: fsdp2 cannot run: {why}")
 
 
 def _adamw8bit_step_failure(device: torch.device) -> Optional[str]:

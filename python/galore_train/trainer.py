@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import shutil
 import signal
@@ -31,7 +32,13 @@ from . import distributed, preflight
 from .batching import Plan
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
+    SHARDED_OPTIMIZER_DIRNAME,
+    CheckpointError,
     TrainingStopped,
+    abandon_checkpoint,
+    begin_checkpoint,
+    finish_checkpoint,
+    list_checkpoints,
     capture_rng_state,
     load_model_weights,
     load_training_state,
@@ -102,6 +109,9 @@ class Trainer:
     def __init__(self, config: Config, info: distributed.DistInfo, device: torch.device, out: Path):
         self.config, self.info, self.device, self.out = config, info, device, out
         self.t = config.training
+        # FSDP2: parameters, gradients and optimizer state sharded by rows across the ranks (preflight
+        # refused it for one process).
+        self.fsdp = info.enabled and config.training.distributed == "fsdp2"
         self.tracker = MemoryTracker(device)
         self.state = TrainerState(world_size=info.world_size)
         self.metrics: Optional[MetricsLog] = None
@@ -125,36 +135,48 @@ class Trainer:
         self.plan = Plan(len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
                          self.info.world_size, t.seed)
         self.total_steps = self.plan.total_steps(t.epochs, t.max_steps)
+        checkpoint = resolve_resume(resume, self.out)  # before anything is written
+        # The weights go in before sharding (the checkpoint holds them whole); the optimizer's
+        # parameters are the sharded ones, so it is built after.
+        saved = self._restore_weights(checkpoint) if checkpoint is not None else None
+        if self.fsdp:
+            distributed.shard_model(self.model, self.info, self.device)
         self.bundle: OptimizerBundle = build_optimizer(self.model, self.routing, config, self.total_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16-mixed" else None
-        checkpoint = resolve_resume(resume, self.out)  # before anything is written
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore_training(checkpoint, saved)
         self.ddp_model = self._wrap_ddp()
         return checkpoint
 
     def _wrap_ddp(self):
-        if not self.info.enabled:
+        if not self.info.enabled or self.fsdp:  # an FSDP2 model is its own wrapper
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids)
 
-    def _restore(self, checkpoint: Path) -> None:
+    def _restore_weights(self, checkpoint: Path) -> dict:
+        """The checkpoint's weights into the (unsharded) model; returns its training state."""
         saved = load_training_state(checkpoint)
         # Refused before anything is loaded: a changed optimizer or model would otherwise fail inside
         # the loaders with their own messages.
         check_resumable(saved, self.config, self.info.world_size, checkpoint, self.data_fp)
         load_model_weights(checkpoint, self.model)
-        self.bundle.load_state_dict(saved["optimizer"])
+        return saved
+
+    def _restore_training(self, checkpoint: Path, saved: dict) -> None:
+        """Optimizer, schedule, scaler, data position and RNG, once the optimizer exists."""
+        load_optimizer = None
+        if self.fsdp:
+            folder = checkpoint / SHARDED_OPTIMIZER_DIRNAME
+            load_optimizer = lambda: distributed.load_sharded_optimizer(self.model, self.bundle.optimizer, folder)  # noqa: E731
+        self.bundle.load_state_dict(saved["optimizer"], load_optimizer)
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainerState(**saved["trainer"])
         if self.state.micro >= self.plan.micro_batches_per_epoch:  # a checkpoint from before the data check
-            from .checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"cannot resume from {checkpoint}: it stopped at micro-batch {self.state.micro} of the epoch, but "
                 f"the epoch now has {self.plan.micro_batches_per_epoch}: the training data changed. Resume with the "
@@ -277,9 +299,7 @@ class Trainer:
         window_targets = max(window_targets, 1.0)
         loss_sum = 0.0
         for k, batch in enumerate(batches):
-            sync = k == len(batches) - 1
-            ctx = self.ddp_model.no_sync() if self.info.enabled and not sync else contextlib.nullcontext()
-            with ctx:
+            with self._gradient_sync(k == len(batches) - 1):
                 token_loss = self._token_loss_sum(self.ddp_model, batch)
                 scaled = token_loss * (self.info.world_size / window_targets)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -290,13 +310,27 @@ class Trainer:
         self.stop_agreed = stop_requests > 0
         return total_loss / window_targets, int(window_targets)
 
+    def _gradient_sync(self, sync: bool):
+        """Gradients are reduced across ranks after the window's last micro-batch only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)  # unsynced: each rank accumulates unsharded gradients
+            return contextlib.nullcontext()
+        if self.info.enabled and not sync:
+            return self.ddp_model.no_sync()
+        return contextlib.nullcontext()
+
     def _micro_batch(self, order: list[int], index: int) -> dict:
         indices = self.plan.micro_batch(order, index, self.info.rank)
         if indices:
             return self._collate(indices)
         # This rank's share of a short last micro-batch is empty: it still runs one example, with no
-        # target tokens, so that it takes part in DDP's gradient reduction.
-        batch = self._collate(self.plan.global_micro_batch(order, index)[:1])
+        # target tokens, so that it takes part in DDP's gradient reduction (FSDP2's gathers).
+        return self._placeholder(self.plan.global_micro_batch(order, index)[:1])
+
+    def _placeholder(self, indices: list[int], dataset=None) -> dict:
+        """A batch of ``indices`` whose tokens count nothing (no targets): a rank with no share of
+        the data still runs the collectives a forward and backward take part in."""
+        batch = self._collate(indices, dataset)
         batch["labels"].fill_(-100)
         return batch
 
@@ -370,8 +404,12 @@ class Trainer:
         with self.tracker.phase("eval"):
             size = self.t.micro_batch_size
             mine = list(range(self.info.rank, len(data.eval), self.info.world_size))
-            for start in range(0, len(mine), size):
-                batch = self._collate(mine[start:start + size], data.eval)
+            batches = math.ceil(len(mine) / size)
+            if self.fsdp:  # every rank runs rank 0's number of forwards: each one gathers parameters
+                batches = math.ceil(math.ceil(len(data.eval) / self.info.world_size) / size)
+            for start in range(0, batches * size, size):
+                indices = mine[start:start + size]
+                batch = self._collate(indices, data.eval) if indices else self._placeholder([0], data.eval)
                 loss_sum += float(self._token_loss_sum(model, batch))
                 targets += int((batch["labels"][:, 1:] != -100).sum())
         model.train(was_training)
@@ -384,31 +422,70 @@ class Trainer:
     def _save(self) -> None:
         # Every rank's RNG state (dropout draws differ between ranks): a collective, so all ranks call it.
         rng_per_rank = distributed.gather_objects(capture_rng_state(), self.info)
-        failure = None
-        if self.info.is_main:
-            try:
-                self._write_checkpoint(rng_per_rank)
-            except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError, safetensors' or torch's own error
-                logger.warning("saving the checkpoint of step %d failed", self.state.step, exc_info=True)
-                failure = err
+        if self.fsdp:
+            failure = self._write_sharded_checkpoint(rng_per_rank)
+        else:
+            failure = None
+            if self.info.is_main:
+                try:
+                    self._write_checkpoint(rng_per_rank)
+                except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError, safetensors' or torch's own error
+                    failure = err
+        if failure is not None:
+            logger.warning("saving the checkpoint of step %d failed", self.state.step, exc_info=failure)
         # Every rank learns whether the save worked (rank 0 alone raising would leave the others
         # waiting in the barrier).
         (failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
         if failed:
-            from .checkpoint import CheckpointError, list_checkpoints
-
             kept = [path.name for _, path in list_checkpoints(self.out)]
             raise CheckpointError(
                 f"could not write the checkpoint of step {self.state.step} in {self.out / CHECKPOINT_DIRNAME}"
-                + (f": {type(failure).__name__}: {failure}" if failure is not None else " (rank 0 failed)")
+                + (f": {type(failure).__name__}: {failure}" if failure is not None else " (another rank failed)")
                 + f". The checkpoints already there are intact ({', '.join(kept) or 'none yet'}): free space or fix "
                 "the folder, then continue with --resume.") from failure
         distributed.barrier(self.info)
 
     def _write_checkpoint(self, rng_per_rank: list) -> None:
         """Rank 0: the checkpoint of this step (model, optimizer, position, every rank's RNG), then pruning."""
-        training_state = {
-            "optimizer": self.bundle.state_dict(),
+        save_checkpoint(self.out, self.state.step, model=self.model, training_state=self._training_state(rng_per_rank))
+        self._prune()
+
+    def _write_sharded_checkpoint(self, rng_per_rank: list) -> Optional[BaseException]:
+        """FSDP2, on every rank: the same checkpoint folder, its model gathered whole (rank 0 writes
+        it, loadable by from_pretrained) and its optimizer state sharded (each rank writes its own
+        rows with torch.distributed.checkpoint into ``optimizer/``). Returns this rank's failure."""
+        model_state = distributed.full_model_state(self.model)  # collective; empty off rank 0
+        tmp, failure = None, None
+        if self.info.is_main:
+            try:
+                tmp = begin_checkpoint(self.out, self.state.step)
+            except Exception as err:  # noqa: BLE001
+                failure = err
+        shared = distributed.broadcast_object(str(tmp) if tmp is not None else None, self.info)
+        if shared is None:
+            return failure or CheckpointError("rank 0 could not create the checkpoint folder")
+        try:
+            distributed.save_sharded_optimizer(self.model, self.bundle.optimizer,
+                                               Path(shared) / SHARDED_OPTIMIZER_DIRNAME)
+        except Exception as err:  # noqa: BLE001
+            failure = err
+        (shards_failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
+        if not self.info.is_main:
+            return failure
+        if shards_failed:
+            abandon_checkpoint(tmp)
+            return failure or CheckpointError("another rank could not write its optimizer shard")
+        try:
+            finish_checkpoint(tmp, model=self.model, training_state=self._training_state(rng_per_rank),
+                              model_state=model_state)
+        except Exception as err:  # noqa: BLE001
+            return err
+        self._prune()
+        return None
+
+    def _training_state(self, rng_per_rank: list) -> dict:
+        return {
+            "optimizer": self.bundle.state_dict(optimizer=not self.fsdp),
             "trainer": asdict(self.state),
             "rng": rng_per_rank[0],
             "rng_per_rank": rng_per_rank,
@@ -416,7 +493,8 @@ class Trainer:
             "data": self.data_fp,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
-        save_checkpoint(self.out, self.state.step, model=self.model, training_state=training_state)
+
+    def _prune(self) -> None:
         try:
             prune_checkpoints(self.out, self.t.keep_last)
         except OSError as err:  # the new checkpoint is written; older ones just stay
@@ -453,6 +531,7 @@ class Trainer:
             "precision": self.t.precision,
             "routing": self.routing.counts(),
             "world_size": self.info.world_size,
+            "distributed": self.t.distributed if self.info.enabled else None,
         }
         if self.info.is_main:
             write_json(self.out / "summary.json", summary)
@@ -518,11 +597,13 @@ RESUME_MUST_MATCH = (
     "optimizer.type", "optimizer.rank", "optimizer.update_proj_gap", "optimizer.scale", "optimizer.proj_type",
     "optimizer.target_modules", "optimizer.svd", "optimizer.refresh_policy", "optimizer.state_dtype",
     "optimizer.stochastic_rounding", "quantization.enabled", "data.train_file", "model.name_or_path",
+    "training.distributed",
 )
 # Keys naming a file or folder: the same place spelled another way (relative, absolute) is no change.
 RESUME_PATHS = ("data.train_file", "model.name_or_path")
 # What a checkpoint written before a key existed ran with.
-RESUME_DEFAULTS = {"optimizer.state_dtype": "float32", "optimizer.stochastic_rounding": False}
+RESUME_DEFAULTS = {"optimizer.state_dtype": "float32", "optimizer.stochastic_rounding": False,
+                   "training.distributed": "ddp"}
 
 
 def data_fingerprint(train: TokenizedDataset) -> dict:
@@ -539,8 +620,6 @@ def data_fingerprint(train: TokenizedDataset) -> dict:
 def check_resumable(saved: dict, config: Config, world_size: int, checkpoint: Path,
                     data: Optional[dict] = None) -> None:
     """Refuses a resume whose data position or optimizer state would mean something else now."""
-    from .checkpoint import CheckpointError
-
     before, now = saved["config"], config.to_dict()
     changed = []
     if data is not None and saved.get("data") is not None and saved["data"] != data:
@@ -584,10 +663,11 @@ def clip_if_finite(params: list, max_norm: float) -> torch.Tensor:
     would zero every other gradient (and a refresh would then build a basis from zeros), while the
     optimizer's guard skips just the parameters whose gradient is not finite."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if bool(torch.isfinite(norm)):
+    norm = torch.nn.utils.get_total_norm(grads)  # a replicated DTensor when the gradients are sharded
+    whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if bool(torch.isfinite(whole)):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return whole
 
 
 def run_mode(config: Config, kind: str) -> str:

@@ -118,6 +118,41 @@ def test_object_with_save_pretrained(tmp_path):
     assert "weights.bin" in json.loads((path / "manifest.json").read_text())["files"]
 
 
+def test_files_other_processes_write_between_begin_and_finish_are_in_the_manifest(tmp_path):
+    """FSDP2 checkpoints: rank 0 begins the folder, every rank writes its optimizer shard into it,
+    rank 0 finishes it with the model passed as a state dict; a corrupted shard makes it incomplete."""
+    calls = []
+
+    class Saver:
+        def save_pretrained(self, path, state_dict=None):
+            calls.append(sorted(state_dict))
+            Path(path, "model.safetensors").write_bytes(b"weights")
+
+    tmp = ck.begin_checkpoint(tmp_path, 4)
+    assert tmp.is_dir() and not list(tmp.iterdir()) and list_checkpoints(tmp_path) == []
+    (tmp / "optimizer").mkdir()
+    for rank in range(2):
+        (tmp / "optimizer" / f"__{rank}_0.distcp").write_bytes(bytes([rank]) * 64)
+    path = ck.finish_checkpoint(tmp, model=Saver(), training_state={"x": 1}, model_state={"w": torch.ones(2)})
+    assert calls == [["w"]] and not tmp.exists() and path == tmp_path / CHECKPOINT_DIRNAME / "step-4"
+    listed = json.loads((path / "manifest.json").read_text())["files"]
+    assert {"optimizer/__0_0.distcp", "optimizer/__1_0.distcp", "model.safetensors", "training_state.pt"} == set(listed)
+    assert checkpoint_is_complete(path)[0]
+    (path / "optimizer" / "__1_0.distcp").write_bytes(b"\x07" * 64)
+    assert not checkpoint_is_complete(path)[0]
+
+
+def test_an_abandoned_or_foreign_folder_is_not_finished(tmp_path):
+    tmp = ck.begin_checkpoint(tmp_path, 2)
+    ck.abandon_checkpoint(tmp)
+    assert not tmp.exists() and list_checkpoints(tmp_path) == []
+    with pytest.raises(CheckpointError, match="is not a folder from begin_checkpoint"):
+        ck.finish_checkpoint(tmp_path / "somewhere", model=Tiny(), training_state={})
+    with pytest.raises(CheckpointError, match="needs a model whose save_pretrained"):
+        save_checkpoint(tmp_path, 3, model=Tiny(), training_state={}, model_state={"w": torch.ones(1)})
+    assert list_checkpoints(tmp_path) == [] and not list((tmp_path / CHECKPOINT_DIRNAME).iterdir())
+
+
 def test_hf_tiny_qwen2_round_trip(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(

@@ -43,6 +43,7 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("optimizer:\n  target_modules: 5\n", "optimizer.target_modules"),
     ("model:\n  architecture:\n    hidden_size: big\n", "model.architecture.hidden_size"),
     ("training:\n  precision: fp8\n", "training.precision"),
+    ("training:\n  distributed: deepspeed\n", "training.distributed"),
     ("optimizer:\n  type: sgd\n", "optimizer.type"),
     ("optimizer:\n  rank: 0\n", "optimizer.rank"),
     ("optimizer:\n  state_dtype: float16\n", "optimizer.state_dtype"),

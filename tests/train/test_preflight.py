@@ -11,7 +11,7 @@ from galore_train.modeling import ModelLoadError, build_model, resolve_device
 from galore_train.preflight import PreflightError
 from galore_train.routing import route_parameters
 
-from .conftest import CPU, VOCAB, make_config
+from .conftest import CPU, VOCAB, make_config, merge
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,25 @@ def test_good_combinations_pass():
 def test_layerwise_with_several_processes():
     with refused(r"galore_layerwise cannot run with 2 processes.*before DDP reduces.*set optimizer\.type: galore"):
         preflight.check_combination(make_config(optimizer={"type": "galore_layerwise"}), world_size=2, device=CPU)
+
+
+@pytest.mark.parametrize("sections, world, expected", [
+    ({}, 1, r"this is one process; launch with `torchrun --nproc_per_node N"),
+    ({"quantization": {"enabled": True}}, 2, r"cannot shard bitsandbytes' int8 weights; set quantization\.enabled: false"),
+    ({"optimizer": {"type": "galore_layerwise"}}, 2, r"before FSDP2 reduce-scatters.*set optimizer\.type: galore"),
+    ({"optimizer": {"type": "adamw8bit"}}, 2, r"AdamW8bit cannot step sharded.*set optimizer\.type: adamw or galore"),
+    ({"training": {"precision": "fp16-mixed"}}, 2, r"set training\.precision: bf16-mixed"),
+])
+def test_fsdp2_refuses_what_cannot_be_sharded(sections, world, expected):
+    config = make_config(**merge({"training": {"distributed": "fsdp2"}}, sections))
+    with refused(r"training\.distributed: fsdp2 cannot run: .*" + expected + r".*training\.distributed: ddp"):
+        preflight.check_combination(config, world_size=world, device=CPU)
+
+
+def test_fsdp2_passes_with_galore_adamw_and_bf16():
+    for sections in ({}, {"optimizer": {"type": "adamw"}}, {"training": {"precision": "bf16-mixed"}}):
+        config = make_config(**merge({"training": {"distributed": "fsdp2"}}, sections))
+        preflight.check_combination(config, world_size=2, device=CPU)
 
 
 def test_layerwise_with_fp16_mixed():

@@ -305,6 +305,66 @@ def test_two_process_ddp_in_quantized_mode_a(tmp_path, prepared):
     assert summary["world_size"] == 2 and summary["mode"].startswith("A:") and summary["steps"] == 2
 
 
+def uneven_data(tmp_path, prepared) -> dict:
+    """89 training and 9 eval records: over 2 ranks x 4, the last micro-batch leaves rank 1 without
+    an example, and rank 1 evaluates one batch fewer than rank 0 (4 examples against 5)."""
+    train, evalset = tmp_path / "train89.jsonl", tmp_path / "eval9.jsonl"
+    train.write_text("".join(prepared.train_path.read_text().splitlines(keepends=True)[:89]))
+    evalset.write_text("".join(prepared.eval_path.read_text().splitlines(keepends=True)[:9]))
+    return {"train_file": str(train), "eval_file": str(evalset)}
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "adamw"])
+def test_two_process_fsdp2_equals_one_process(tmp_path, prepared, optimizer):
+    """FSDP2 over 2 ranks trains what one process trains: a whole epoch (a short last window, an empty
+    share, uneven evaluation), accumulation over 2 micro-batches, global-norm clipping, GaLore
+    refreshes every 3 steps. The checkpoint's model is the one-process checkpoint's (same names),
+    its optimizer state one shard per rank."""
+    data = uneven_data(tmp_path, prepared)
+    training = {"epochs": 1, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5}
+    single = tiny_config(tmp_path / "single", prepared, data=data, optimizer={"type": optimizer},
+                         training={**training, "micro_batch_size": 8})
+    fsdp = tiny_config(tmp_path / "fsdp", prepared, data=data, optimizer={"type": optimizer},
+                       training={**training, "micro_batch_size": 4, "distributed": "fsdp2"})
+    done = run_subprocess(["-m", "galore_train", "--config", str(write_config(tmp_path / "single.yaml", single))])
+    assert done.returncode == 0, done.stderr
+    torchrun(write_config(tmp_path / "fsdp.yaml", fsdp))
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=key)
+    one = json.loads((tmp_path / "single" / "summary.json").read_text())
+    two = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert two["world_size"] == 2 and two["distributed"] == "fsdp2" and two["steps"] == one["steps"] == 6
+    assert two["eval_loss_per_epoch"] == pytest.approx(one["eval_loss_per_epoch"], rel=1e-5)
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-6"
+    assert sorted(p.name for p in (checkpoint / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= manifest.keys()
+    report = json.loads((tmp_path / "fsdp" / "memory_report.json").read_text())["tensors"]
+    assert report["parameters_sharded"] is True
+    assert report["trainable_numel"] < sum(t.numel() for t in a.values())  # rank 0's rows only
+
+
+def test_two_process_fsdp2_with_dropout_resumes_bitwise(tmp_path, prepared):
+    """An FSDP2 run stopped after 3 of 6 steps (a GaLore refresh at step 3, accumulation, dropout)
+    and resumed from its sharded checkpoint ends bitwise where the uninterrupted run ends."""
+    data = uneven_data(tmp_path, prepared)
+    training = {"micro_batch_size": 4, "epochs": 1, "lr_scheduler": "constant", "warmup_steps": 0, "max_steps": 6,
+                "gradient_accumulation_steps": 2, "max_grad_norm": 1.0, "distributed": "fsdp2"}
+    model = {"architecture": {**TINY_ARCH, "attention_dropout": 0.3}}
+    straight = tiny_config(tmp_path / "straight", prepared, data=data, training=training, model=model)
+    torchrun(write_config(tmp_path / "straight.yaml", straight))
+    stopped = tiny_config(tmp_path / "stopped", prepared, data=data, training={**training, "max_steps": 3}, model=model)
+    torchrun(write_config(tmp_path / "stopped.yaml", stopped))
+    stopped["training"]["max_steps"] = 6
+    torchrun(write_config(tmp_path / "stopped.yaml", stopped), "--resume")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = read_jsonl(tmp_path / "stopped" / "metrics.jsonl")
+    assert [r["step"] for r in metrics if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
 def test_download_without_network_fails_fast_with_its_message(tmp_path):
     started = time.time()
     done = run_subprocess(["-m", "galore_train", "download", "Qwen/Qwen2-0.5B", "--to", str(tmp_path / "m")], timeout=120)
@@ -495,3 +555,19 @@ def test_resume_checks_the_optimizer_state_settings_with_defaults_for_older_chec
     saved["config"] = make_config(optimizer={"stochastic_rounding": True}).to_dict()
     with pytest.raises(CheckpointError, match="optimizer.stochastic_rounding was True, now False"):
         check_resumable(saved, make_config(), 1, tmp_path)
+
+
+def test_resume_under_the_other_distributed_mode_is_refused(tmp_path):
+    """A DDP checkpoint holds the optimizer state whole, an FSDP2 one sharded beside it; a checkpoint
+    written before the key existed ran under DDP."""
+    from galore_train.checkpoint import CheckpointError
+    from galore_train.trainer import check_resumable
+
+    from .conftest import make_config
+
+    saved_config = make_config().to_dict()
+    del saved_config["training"]["distributed"]
+    saved = {"config": saved_config, "trainer": {"world_size": 2}}
+    check_resumable(saved, make_config(), 2, tmp_path)
+    with pytest.raises(CheckpointError, match="training.distributed was 'ddp', now 'fsdp2'"):
+        check_resumable(saved, make_config(training={"distributed": "fsdp2"}), 2, tmp_path)

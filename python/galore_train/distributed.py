@@ -119,28 +119,60 @@ def full_model_state(model: torch.nn.Module) -> dict:
     return {name: tensor for name, tensor in state.items() if name not in tied_aliases}
 
 
-def save_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
-    """Every rank writes its rows of the optimizer state into ``folder`` (torch.distributed.checkpoint:
-    one file per rank, replicated tensors once); a collective."""
-    import torch.distributed.checkpoint as dcp
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state keyed by parameter names, each rank's rows as DTensors (no copy)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def save_sharded_optimizer(state: dict, folder) -> None:
+    """Every rank writes its rows of :func:`optimizer_state` into ``folder`` (torch.distributed.checkpoint:
+    one file per rank, replicated tensors once); a collective, whose failure on any rank is raised on
+    every rank as a CheckpointError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .checkpoint import CheckpointError
+
+    try:
+        dcp.save({"optimizer": state}, checkpoint_id=str(folder))
+    except CheckpointException as err:  # a BaseException: it would pass an `except Exception` by
+        raise CheckpointError(f"writing the sharded optimizer state into {folder} failed: {_failures(err)}") from err
 
 
 def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
     """What :func:`save_sharded_optimizer` wrote, into ``optimizer``; a collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     from .checkpoint import CheckpointError
 
-    if not (Path(folder) / ".metadata").is_file():
+    folder = Path(folder)
+    fix = ("resume from an earlier step-<N> folder (--resume <path>) or start a new run in another output_dir")
+    if not (folder / ".metadata").is_file():
         raise CheckpointError(
-            f"cannot resume from {Path(folder).parent}: it has no sharded optimizer state ({folder} is missing); "
-            "it was not written by a training.distributed: fsdp2 run.")
+            f"cannot resume from {folder.parent}: it has no sharded optimizer state ({folder} is missing), so it was "
+            f"not written by a training.distributed: fsdp2 run; {fix}.")
     # The template has this run's shapes and placements (torch fills it by a zero-gradient step at
     # lr 0); each rank reads the rows it holds now.
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    template = optimizer_state(model, optimizer)
+    try:
+        saved_keys = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+        # Parameters that had no gradient before the save had no state: they get none now either
+        # (the optimizer's load_state_dict drops the template's).
+        stateless = [n for n in template["state"] if not any(k.startswith(f"optimizer.state.{n}.") for k in saved_keys)]
+        for name in stateless:
+            del template["state"][name]
+        dcp.load({"optimizer": template}, checkpoint_id=str(folder))
+    except CheckpointException as err:
+        raise CheckpointError(f"cannot read the sharded optimizer state in {folder}: {_failures(err)}; {fix}.") from err
+    set_optimizer_state_dict(model, optimizer, template, options=StateDictOptions(strict=not stateless))
+
+
+def _failures(err) -> str:
+    """Each rank's exception in a torch.distributed.checkpoint CheckpointException."""
+    failures = getattr(err, "failures", None) or {}
+    causes = {rank: pair[0] if isinstance(pair, tuple) else pair for rank, pair in failures.items()}
+    return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in sorted(causes.items())) or str(err)

@@ -453,28 +453,28 @@ class Trainer:
     def _write_sharded_checkpoint(self, rng_per_rank: list) -> Optional[BaseException]:
         """FSDP2, on every rank: the same checkpoint folder, its model gathered whole (rank 0 writes
         it, loadable by from_pretrained) and its optimizer state sharded (each rank writes its own
-        rows with torch.distributed.checkpoint into ``optimizer/``). Returns this rank's failure."""
-        model_state = distributed.full_model_state(self.model)  # collective; empty off rank 0
+        rows with torch.distributed.checkpoint into ``optimizer/``). Returns this rank's failure.
+        The ranks agree after each part, so a failure on one rank never leaves the others waiting
+        in a collective it skipped, and rank 0 removes the unfinished folder."""
         tmp, failure = None, None
-        if self.info.is_main:
-            try:
-                tmp = begin_checkpoint(self.out, self.state.step)
-            except Exception as err:  # noqa: BLE001
-                failure = err
-        shared = distributed.broadcast_object(str(tmp) if tmp is not None else None, self.info)
-        if shared is None:
-            return failure or CheckpointError("rank 0 could not create the checkpoint folder")
         try:
-            distributed.save_sharded_optimizer(self.model, self.bundle.optimizer,
-                                               Path(shared) / SHARDED_OPTIMIZER_DIRNAME)
+            model_state = distributed.full_model_state(self.model)  # collective; empty off rank 0
+            optimizer_state = distributed.optimizer_state(self.model, self.bundle.optimizer)
+            if self.info.is_main:
+                tmp = begin_checkpoint(self.out, self.state.step)
         except Exception as err:  # noqa: BLE001
             failure = err
-        (shards_failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
+        shared = distributed.broadcast_object(str(tmp) if tmp is not None else None, self.info)
+        if self._any_rank_failed(failure) or shared is None:
+            return self._abandon(tmp, failure, "another rank could not gather its state")
+        try:
+            distributed.save_sharded_optimizer(optimizer_state, Path(shared) / SHARDED_OPTIMIZER_DIRNAME)
+        except Exception as err:  # noqa: BLE001
+            failure = err
+        if self._any_rank_failed(failure):
+            return self._abandon(tmp, failure, "another rank could not write its optimizer shard")
         if not self.info.is_main:
-            return failure
-        if shards_failed:
-            abandon_checkpoint(tmp)
-            return failure or CheckpointError("another rank could not write its optimizer shard")
+            return None
         try:
             finish_checkpoint(tmp, model=self.model, training_state=self._training_state(rng_per_rank),
                               model_state=model_state)
@@ -482,6 +482,15 @@ class Trainer:
             return err
         self._prune()
         return None
+
+    def _any_rank_failed(self, failure: Optional[BaseException]) -> bool:
+        (failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
+        return failed > 0
+
+    def _abandon(self, tmp: Optional[Path], failure: Optional[BaseException], elsewhere: str) -> BaseException:
+        if tmp is not None:
+            abandon_checkpoint(tmp)
+        return failure or CheckpointError(elsewhere)
 
     def _training_state(self, rng_per_rank: list) -> dict:
         return {

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,6 +364,33 @@ def test_two_process_fsdp2_with_dropout_resumes_bitwise(tmp_path, prepared):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = read_jsonl(tmp_path / "stopped" / "metrics.jsonl")
     assert [r["step"] for r in metrics if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fsdp2_save_failing_on_one_rank_is_a_clear_error_and_keeps_the_earlier_checkpoint(tmp_path, prepared):
+    """Rank 1 cannot write its optimizer shard of step 4 (a full disk, injected): both ranks stop with
+    the trainer's message and exit 2; step-2 stays complete, and no step-4 or temporary folder is left."""
+    from galore_train.checkpoint import checkpoint_is_complete
+
+    config = tiny_config(tmp_path / "run", prepared, training={"micro_batch_size": 4, "max_steps": 6, "epochs": 1,
+                                                                "save_every": 2, "distributed": "fsdp2"})
+    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), str(Path(__file__).parent / "fsdp2_worker.py"),
+                           "failed_save", str(write_config(tmp_path / "run.yaml", config))])
+    assert done.returncode != 0
+    assert "exitcode  : 2" in done.stderr and "exitcode  : 1" not in done.stderr, done.stderr[-3000:]
+    assert "could not write the checkpoint of step 4" in done.stderr and "No space left on device" in done.stderr
+    assert "then continue with --resume" in done.stderr
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert folders == ["step-2"] and checkpoint_is_complete(tmp_path / "run" / "checkpoints" / "step-2")[0]
+
+
+def test_fsdp2_resume_leaves_a_parameter_without_gradient_without_state(tmp_path):
+    """torch builds the resume template by a zero-gradient step that gives every parameter state;
+    a parameter that had none when saved (never in the graph) gets none back, and the run resumes bitwise."""
+    from ranks import run_ranks
+
+    run_ranks(2, "unused_parameter", worker=Path(__file__).parent / "fsdp2_worker.py",
+              GALORE_FSDP2_FOLDER=str(tmp_path / "optimizer"))
 
 
 def test_download_without_network_fails_fast_with_its_message(tmp_path):

@@ -307,19 +307,20 @@ def test_two_process_ddp_in_quantized_mode_a(tmp_path, prepared):
 
 
 def uneven_data(tmp_path, prepared) -> dict:
-    """89 training and 9 eval records: over 2 ranks x 4, the last micro-batch leaves rank 1 without
-    an example, and rank 1 evaluates one batch fewer than rank 0 (4 examples against 5)."""
-    train, evalset = tmp_path / "train89.jsonl", tmp_path / "eval9.jsonl"
-    train.write_text("".join(prepared.train_path.read_text().splitlines(keepends=True)[:89]))
+    """81 training and 9 eval records: over 2 ranks x 4, 11 micro-batches, the last of one example
+    (rank 1 has none), so accumulation over 2 ends the epoch with a window of one micro-batch; rank 1
+    evaluates one batch fewer than rank 0 (4 examples against 5)."""
+    train, evalset = tmp_path / "train81.jsonl", tmp_path / "eval9.jsonl"
+    train.write_text("".join(prepared.train_path.read_text().splitlines(keepends=True)[:81]))
     evalset.write_text("".join(prepared.eval_path.read_text().splitlines(keepends=True)[:9]))
     return {"train_file": str(train), "eval_file": str(evalset)}
 
 
 @pytest.mark.parametrize("optimizer", ["galore", "adamw"])
 def test_two_process_fsdp2_equals_one_process(tmp_path, prepared, optimizer):
-    """FSDP2 over 2 ranks trains what one process trains: a whole epoch (a short last window, an empty
-    share, uneven evaluation), accumulation over 2 micro-batches, global-norm clipping, GaLore
-    refreshes every 3 steps. The checkpoint's model is the one-process checkpoint's (same names),
+    """FSDP2 over 2 ranks trains what one process trains: a whole epoch (a short last window whose
+    micro-batch leaves rank 1 empty, uneven evaluation), accumulation over 2 micro-batches,
+    global-norm clipping, GaLore refreshes every 3 steps. The checkpoint's model is the one-process checkpoint's (same names),
     its optimizer state one shard per rank."""
     data = uneven_data(tmp_path, prepared)
     training = {"epochs": 1, "gradient_accumulation_steps": 2, "max_grad_norm": 0.5}

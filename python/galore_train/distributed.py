@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -106,17 +107,29 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def full_model_state(model: torch.nn.Module) -> dict:
-    """The sharded model's whole state dict on rank 0, in CPU memory (empty on the other ranks); a
-    collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # A tied weight comes back under each of its names as separate copies; keep the first name, as
-    # an unsharded model's save_pretrained does.
+def full_model_state(model: torch.nn.Module) -> tuple[dict, Optional[BaseException]]:
+    """The sharded model's whole state dict on rank 0, in CPU memory (empty on the other ranks), and
+    rank 0's failure to hold it. A collective: one gather per tensor, and every rank takes part in
+    each one even after rank 0 failed (say, out of CPU memory), so no rank is left waiting in a
+    gather another skipped."""
+    # A tied weight is one parameter under several names; keep the first, as an unsharded model's
+    # save_pretrained does.
     first_names = {name for name, _ in model.named_parameters()}
     tied_aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
-    return {name: tensor for name, tensor in state.items() if name not in tied_aliases}
+    keep = dist.get_rank() == 0
+    state: dict = {}
+    failure: Optional[BaseException] = None
+    for name, value in model.state_dict().items():
+        if name in tied_aliases:
+            continue
+        whole = value.full_tensor() if hasattr(value, "full_tensor") else value  # the gather
+        if keep and failure is None:
+            try:
+                state[name] = whole.detach().to("cpu", copy=True)
+            except Exception as err:  # noqa: BLE001
+                failure, state = err, {}
+        del whole
+    return state, failure
 
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
@@ -129,7 +142,7 @@ def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
 def save_sharded_optimizer(state: dict, folder) -> None:
     """Every rank writes its rows of :func:`optimizer_state` into ``folder`` (torch.distributed.checkpoint:
     one file per rank, replicated tensors once); a collective, whose failure on any rank is raised on
-    every rank as a CheckpointError."""
+    every rank as a CheckpointError. Rank 0 then checks that it sees every rank's file."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -139,36 +152,62 @@ def save_sharded_optimizer(state: dict, folder) -> None:
         dcp.save({"optimizer": state}, checkpoint_id=str(folder))
     except CheckpointException as err:  # a BaseException: it would pass an `except Exception` by
         raise CheckpointError(f"writing the sharded optimizer state into {folder} failed: {_failures(err)}") from err
+    if dist.get_rank() == 0:
+        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+        missing = sorted({info.relative_path for info in metadata.storage_data.values()}
+                         - {p.name for p in Path(folder).iterdir()})
+        if missing:
+            raise CheckpointError(
+                f"the other ranks' optimizer shards {missing} are not in {folder} as rank 0 sees it: output_dir "
+                "must be on a file system that every rank sees (shared or network storage across nodes)")
 
 
 def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
-    """What :func:`save_sharded_optimizer` wrote, into ``optimizer``; a collective."""
+    """What :func:`save_sharded_optimizer` wrote, into ``optimizer``; a collective. A failure on any
+    rank is raised on every rank, after the same collectives, as a CheckpointError."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from .checkpoint import CheckpointError
-
     folder = Path(folder)
-    fix = ("resume from an earlier step-<N> folder (--resume <path>) or start a new run in another output_dir")
-    if not (folder / ".metadata").is_file():
-        raise CheckpointError(
-            f"cannot resume from {folder.parent}: it has no sharded optimizer state ({folder} is missing), so it was "
-            f"not written by a training.distributed: fsdp2 run; {fix}.")
+    fix = "resume from an earlier step-<N> folder (--resume <path>) or start a new run in another output_dir"
     # The template has this run's shapes and placements (torch fills it by a zero-gradient step at
-    # lr 0); each rank reads the rows it holds now.
+    # lr 0, a collective for sharded GaLore); each rank reads the rows it holds now.
     template = optimizer_state(model, optimizer)
+    failure, stateless = None, []
     try:
+        if not (folder / ".metadata").is_file():
+            raise FileNotFoundError(f"{folder} is missing, so the checkpoint was not written by a "
+                                    "training.distributed: fsdp2 run")
         saved_keys = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
         # Parameters that had no gradient before the save had no state: they get none now either
         # (the optimizer's load_state_dict drops the template's).
         stateless = [n for n in template["state"] if not any(k.startswith(f"optimizer.state.{n}.") for k in saved_keys)]
         for name in stateless:
             del template["state"][name]
+    except Exception as err:  # noqa: BLE001
+        failure = err
+    _agree(failure, f"cannot resume from {folder.parent}: its sharded optimizer state is unreadable", fix)
+    try:
         dcp.load({"optimizer": template}, checkpoint_id=str(folder))
-    except CheckpointException as err:
-        raise CheckpointError(f"cannot read the sharded optimizer state in {folder}: {_failures(err)}; {fix}.") from err
-    set_optimizer_state_dict(model, optimizer, template, options=StateDictOptions(strict=not stateless))
+        set_optimizer_state_dict(model, optimizer, template, options=StateDictOptions(strict=not stateless))
+    except CheckpointException as err:  # raised on every rank alike
+        failure = RuntimeError(_failures(err))
+    except Exception as err:  # noqa: BLE001
+        failure = err
+    _agree(failure, f"cannot load the sharded optimizer state in {folder}", fix)
+
+
+def _agree(failure: Optional[BaseException], what: str, fix: str) -> None:
+    """Raises CheckpointError on every rank when ``failure`` is set on any (one all-reduce)."""
+    from .checkpoint import CheckpointError
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(flag)
+    if flag.item():
+        cause = f"{type(failure).__name__}: {failure}" if failure is not None else "another rank failed"
+        raise CheckpointError(f"{what} ({cause}); {fix}.") from failure
 
 
 def _failures(err) -> str:

@@ -431,8 +431,9 @@ class Trainer:
                     self._write_checkpoint(rng_per_rank)
                 except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError, safetensors' or torch's own error
                     failure = err
-        if failure is not None:
-            logger.warning("saving the checkpoint of step %d failed", self.state.step, exc_info=failure)
+        if failure is not None:  # a traceback only where it is not the trainer's own error
+            logger.warning("saving the checkpoint of step %d failed", self.state.step,
+                           exc_info=None if isinstance(failure, CheckpointError) else failure)
         # Every rank learns whether the save worked (rank 0 alone raising would leave the others
         # waiting in the barrier).
         (failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
@@ -456,23 +457,24 @@ class Trainer:
         rows with torch.distributed.checkpoint into ``optimizer/``). Returns this rank's failure.
         The ranks agree after each part, so a failure on one rank never leaves the others waiting
         in a collective it skipped, and rank 0 removes the unfinished folder."""
-        tmp, failure = None, None
-        try:
-            model_state = distributed.full_model_state(self.model)  # collective; empty off rank 0
-            optimizer_state = distributed.optimizer_state(self.model, self.bundle.optimizer)
-            if self.info.is_main:
-                tmp = begin_checkpoint(self.out, self.state.step)
-        except Exception as err:  # noqa: BLE001
-            failure = err
+        tmp = None
+        model_state, failure = distributed.full_model_state(self.model)  # collective; empty off rank 0
+        if failure is None:
+            try:
+                optimizer_state = distributed.optimizer_state(self.model, self.bundle.optimizer)
+                if self.info.is_main:
+                    tmp = begin_checkpoint(self.out, self.state.step)
+            except Exception as err:  # noqa: BLE001
+                failure = err
         shared = distributed.broadcast_object(str(tmp) if tmp is not None else None, self.info)
         if self._any_rank_failed(failure) or shared is None:
-            return self._abandon(tmp, failure, "another rank could not gather its state")
+            return self._abandon(tmp, failure, "another rank could not prepare it (that rank's log says why)")
         try:
             distributed.save_sharded_optimizer(optimizer_state, Path(shared) / SHARDED_OPTIMIZER_DIRNAME)
         except Exception as err:  # noqa: BLE001
             failure = err
         if self._any_rank_failed(failure):
-            return self._abandon(tmp, failure, "another rank could not write its optimizer shard")
+            return self._abandon(tmp, failure, "another rank could not write its optimizer shard (that rank's log says why)")
         if not self.info.is_main:
             return None
         try:

@@ -1,7 +1,8 @@
 """Scenarios of the trainer's FSDP2 plumbing on 2 gloo ranks, run by torch.distributed.run.
 
 ``fsdp2_worker.py failed_save CONFIG``: the trainer's CLI on CONFIG, with rank 1's optimizer shard
-write failing for the checkpoint of step 4 (a full disk on one node). ``fsdp2_worker.py
+write failing for the checkpoint of step 4 (a full disk on one node). ``fsdp2_worker.py unshared_save
+CONFIG``: the same with rank 1 writing its shards to a disk of its own. ``fsdp2_worker.py
 unused_parameter``: a sharded optimizer state saved into $GALORE_FSDP2_FOLDER while one parameter
 never had a gradient is resumed bitwise.
 """
@@ -28,6 +29,27 @@ def failed_save(config: str) -> int:
         return write_data(self, plan, planner)
 
     FileSystemWriter.write_data = full_disk_on_rank_1
+    return main(["--config", config])
+
+
+def unshared_save(config: str) -> int:
+    """The trainer's CLI on CONFIG, with rank 1 writing its optimizer shards into a folder of its own
+    (another node's disk: an output_dir that is not shared)."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from galore_train.cli import main
+
+    write_data = FileSystemWriter.write_data
+
+    def own_disk_on_rank_1(self, plan, planner):
+        if dist.get_rank() == 1:
+            self.path = Path(os.environ["GALORE_FSDP2_OTHER_DISK"]) / Path(self.path).parent.name / "optimizer"
+            self.fs.mkdir(self.path)
+        return write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = own_disk_on_rank_1
     return main(["--config", config])
 
 
@@ -83,6 +105,6 @@ def unused_parameter() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "failed_save":
-        sys.exit(failed_save(sys.argv[2]))
+    if sys.argv[1] in ("failed_save", "unshared_save"):
+        sys.exit({"failed_save": failed_save, "unshared_save": unshared_save}[sys.argv[1]](sys.argv[2]))
     sys.exit(unused_parameter())

@@ -385,6 +385,50 @@ def test_fsdp2_save_failing_on_one_rank_is_a_clear_error_and_keeps_the_earlier_c
     assert folders == ["step-2"] and checkpoint_is_complete(tmp_path / "run" / "checkpoints" / "step-2")[0]
 
 
+def run_fsdp2_worker(scenario: str, config_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(Path(__file__).parent / "fsdp2_worker.py"), scenario, str(config_path)],
+        env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp2_output_dir_not_shared_between_ranks_is_refused_at_the_first_save(tmp_path, prepared):
+    """Rank 1 writes its shards where rank 0 cannot see them (another node's disk): the first save
+    fails on every rank with the requirement named, and no checkpoint claims to be complete."""
+    config = tiny_config(tmp_path / "run", prepared, training={"micro_batch_size": 4, "max_steps": 4, "epochs": 1,
+                                                                "save_every": 2, "distributed": "fsdp2"})
+    done = run_fsdp2_worker("unshared_save", write_config(tmp_path / "run.yaml", config),
+                            GALORE_FSDP2_OTHER_DISK=str(tmp_path / "node1"))
+    assert done.returncode != 0 and "exitcode  : 1" not in done.stderr, done.stderr[-3000:]
+    assert "could not write the checkpoint of step 2" in done.stderr
+    assert "output_dir must be on a file system that every rank sees" in done.stderr
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_fsdp2_resume_from_an_unreadable_optimizer_state_is_a_clear_error(tmp_path, prepared):
+    """A checkpoint whose manifest verifies but whose sharded optimizer metadata is garbage (written
+    so by a faulty disk before the manifest): every rank stops with exit 2 and the way out."""
+    import hashlib
+
+    config = tiny_config(tmp_path / "run", prepared, training={"micro_batch_size": 4, "max_steps": 4, "epochs": 1,
+                                                                "save_every": 2, "distributed": "fsdp2"})
+    torchrun(write_config(tmp_path / "run.yaml", config))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-4"
+    garbage = bytes(range(256)) * 4
+    (checkpoint / "optimizer" / ".metadata").write_bytes(garbage)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["optimizer/.metadata"] = {"size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    config["training"]["max_steps"] = 6
+    done = run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), "-m", "galore_train", "--config",
+                           str(write_config(tmp_path / "run.yaml", config)), "--resume"])
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr and "exitcode  : 1" not in done.stderr, \
+        done.stderr[-3000:]
+    assert "its sharded optimizer state is unreadable" in done.stderr
+    assert "resume from an earlier step-<N> folder" in done.stderr
+
+
 def test_fsdp2_resume_leaves_a_parameter_without_gradient_without_state(tmp_path):
     """torch builds the resume template by a zero-gradient step that gives every parameter state;
     a parameter that had none when saved (never in the graph) gets none back, and the run resumes bitwise."""

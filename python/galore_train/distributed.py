@@ -59,6 +59,12 @@ def all_sum(values: list[float], info: DistInfo, device: torch.device) -> list[f
     return t.tolist()
 
 
+def any_rank_failed(failure: Optional[BaseException], info: DistInfo, device: torch.device) -> bool:
+    """Whether ``failure`` is set on any rank (every rank must call it: one all-reduce)."""
+    (failed,) = all_sum([0.0 if failure is None else 1.0], info, device)
+    return failed > 0
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -162,7 +168,7 @@ def save_sharded_optimizer(state: dict, folder) -> None:
                 "must be on a file system that every rank sees (shared or network storage across nodes)")
 
 
-def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
+def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder, info: DistInfo, device: torch.device) -> None:
     """What :func:`save_sharded_optimizer` wrote, into ``optimizer``; a collective. A failure on any
     rank is raised on every rank, after the same collectives, as a CheckpointError."""
     import torch.distributed.checkpoint as dcp
@@ -187,7 +193,7 @@ def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
             del template["state"][name]
     except Exception as err:  # noqa: BLE001
         failure = err
-    _agree(failure, f"cannot resume from {folder.parent}: its sharded optimizer state is unreadable", fix)
+    _agree(failure, info, device, f"cannot resume from {folder.parent}: its sharded optimizer state is unreadable", fix)
     try:
         dcp.load({"optimizer": template}, checkpoint_id=str(folder))
         set_optimizer_state_dict(model, optimizer, template, options=StateDictOptions(strict=not stateless))
@@ -195,17 +201,14 @@ def load_sharded_optimizer(model: torch.nn.Module, optimizer, folder) -> None:
         failure = RuntimeError(_failures(err))
     except Exception as err:  # noqa: BLE001
         failure = err
-    _agree(failure, f"cannot load the sharded optimizer state in {folder}", fix)
+    _agree(failure, info, device, f"cannot load the sharded optimizer state in {folder}", fix)
 
 
-def _agree(failure: Optional[BaseException], what: str, fix: str) -> None:
-    """Raises CheckpointError on every rank when ``failure`` is set on any (one all-reduce)."""
+def _agree(failure: Optional[BaseException], info: DistInfo, device: torch.device, what: str, fix: str) -> None:
+    """Raises CheckpointError on every rank when ``failure`` is set on any."""
     from .checkpoint import CheckpointError
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(flag)
-    if flag.item():
+    if any_rank_failed(failure, info, device):
         cause = f"{type(failure).__name__}: {failure}" if failure is not None else "another rank failed"
         raise CheckpointError(f"{what} ({cause}); {fix}.") from failure
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
+from galore_kernels.sharded import is_dtensor, local
 
 from .atomic import write_atomic
 
@@ -197,7 +198,7 @@ class MemoryTracker:
                 continue
             params["trainable" if p.requires_grad else "frozen"].add(p)
             if p.requires_grad:
-                trainable_numel += _local(p).numel()
+                trainable_numel += local(p).numel()
         gradients = _Bytes()
         if grads:
             grad_seen: set[tuple] = set()
@@ -230,7 +231,7 @@ class MemoryTracker:
             "parameters_bytes": params["trainable"].bytes + params["frozen"].bytes,
             "trainable_numel": trainable_numel,
             # FSDP2: every count above is this rank's shards (the report is rank 0's).
-            "parameters_sharded": any(_local(p) is not p for p in model.parameters()),
+            "parameters_sharded": any(map(is_dtensor, model.parameters())),
             "gradients": gradients.as_dict() if grads else None,
             "optimizer_state": {k: v.as_dict() for k, v in state.items()},
             "optimizer_state_bytes": sum(v.bytes for v in state.values()),
@@ -298,7 +299,7 @@ class _Bytes:
         self.by_dtype: dict[str, int] = {}
 
     def add(self, tensor: torch.Tensor) -> None:
-        tensor = _local(tensor)
+        tensor = local(tensor)
         size = tensor.numel() * tensor.element_size()
         self.bytes += size
         self.numel += tensor.numel()
@@ -310,15 +311,9 @@ class _Bytes:
         return {"bytes": self.bytes, "numel": self.numel, "tensors": self.count, "by_dtype": dict(sorted(self.by_dtype.items()))}
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2 shards, replicated optimizer state); a tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
-
-
 def _first_time(tensor: torch.Tensor, seen: set[tuple]) -> bool:
     """False for a tensor whose memory was already counted (tied weights, shared views)."""
-    tensor = _local(tensor)
+    tensor = local(tensor)  # a DTensor's part on this rank (FSDP2 shards, replicated optimizer state)
     if tensor.numel() == 0 or tensor.device.type == "meta":
         key: tuple = ("id", id(tensor))
     else:

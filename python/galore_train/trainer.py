@@ -171,7 +171,8 @@ class Trainer:
         load_optimizer = None
         if self.fsdp:
             folder = checkpoint / SHARDED_OPTIMIZER_DIRNAME
-            load_optimizer = lambda: distributed.load_sharded_optimizer(self.model, self.bundle.optimizer, folder)  # noqa: E731
+            load_optimizer = lambda: distributed.load_sharded_optimizer(  # noqa: E731
+                self.model, self.bundle.optimizer, folder, self.info, self.device)
         self.bundle.load_state_dict(saved["optimizer"], load_optimizer)
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
@@ -436,8 +437,7 @@ class Trainer:
                            exc_info=None if isinstance(failure, CheckpointError) else failure)
         # Every rank learns whether the save worked (rank 0 alone raising would leave the others
         # waiting in the barrier).
-        (failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
-        if failed:
+        if distributed.any_rank_failed(failure, self.info, self.device):
             kept = [path.name for _, path in list_checkpoints(self.out)]
             raise CheckpointError(
                 f"could not write the checkpoint of step {self.state.step} in {self.out / CHECKPOINT_DIRNAME}"
@@ -467,13 +467,13 @@ class Trainer:
             except Exception as err:  # noqa: BLE001
                 failure = err
         shared = distributed.broadcast_object(str(tmp) if tmp is not None else None, self.info)
-        if self._any_rank_failed(failure) or shared is None:
+        if distributed.any_rank_failed(failure, self.info, self.device) or shared is None:
             return self._abandon(tmp, failure, "another rank could not prepare it (that rank's log says why)")
         try:
             distributed.save_sharded_optimizer(optimizer_state, Path(shared) / SHARDED_OPTIMIZER_DIRNAME)
         except Exception as err:  # noqa: BLE001
             failure = err
-        if self._any_rank_failed(failure):
+        if distributed.any_rank_failed(failure, self.info, self.device):
             return self._abandon(tmp, failure, "another rank could not write its optimizer shard (that rank's log says why)")
         if not self.info.is_main:
             return None
@@ -484,10 +484,6 @@ class Trainer:
             return err
         self._prune()
         return None
-
-    def _any_rank_failed(self, failure: Optional[BaseException]) -> bool:
-        (failed,) = distributed.all_sum([1.0 if failure is not None else 0.0], self.info, self.device)
-        return failed > 0
 
     def _abandon(self, tmp: Optional[Path], failure: Optional[BaseException], elsewhere: str) -> BaseException:
         if tmp is not None:

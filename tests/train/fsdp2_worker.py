@@ -57,7 +57,12 @@ def unused_parameter() -> int:
     from torch.distributed.fsdp import fully_shard
 
     from galore_kernels import GaLoreAdamW
-    from galore_train.distributed import load_sharded_optimizer, optimizer_state, save_sharded_optimizer
+    from galore_train.distributed import (
+        from_environment,
+        load_sharded_optimizer,
+        optimizer_state,
+        save_sharded_optimizer,
+    )
 
     folder = os.environ["GALORE_FSDP2_FOLDER"]
     dist.init_process_group("gloo")
@@ -93,7 +98,7 @@ def unused_parameter() -> int:
     save_sharded_optimizer(optimizer_state(model, opt), folder)
     steps(model, opt, 3)
     resumed, resumed_opt = build(saved_weights)
-    load_sharded_optimizer(resumed, resumed_opt, folder)
+    load_sharded_optimizer(resumed, resumed_opt, folder, from_environment(), torch.device("cpu"))
     assert resumed.unused.weight not in resumed_opt.state or not resumed_opt.state[resumed.unused.weight], \
         "a parameter without a gradient got state on resume"
     steps(resumed, resumed_opt, 3)

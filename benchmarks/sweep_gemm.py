@@ -146,7 +146,7 @@ def sweep_case(case, tiles: list[str], project_tiles: list[str], ceilings: dict)
 
 def prefetch_ab(back_apply, tiles: list[str], floor: float) -> None:
     """The back-projection with its W tile loaded before the GEMM loop and after it
-    (utils.prefetch_weight; auto takes it for 4-warp tiles of 16-bit weights), alternately."""
+    (utils.prefetch_weight: off by default; auto takes it for 4-warp tiles of 16-bit weights), alternately."""
     for tile in tiles:
         os.environ[GEMM_CONFIG_ENVS["back_apply"]] = tile
         cells = []

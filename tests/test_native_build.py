@@ -7,6 +7,8 @@ with it set) skips this file; otherwise a missing library is a failure, not a sk
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,23 @@ def test_library_built_loads_and_has_the_ops(ops):
         assert hasattr(ops, name), f"torch.ops.galore_kernels.{name} is not registered by {LIBRARY}"
         assert str(getattr(ops, name).default._schema) == schema
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"galore_kernels::{name}", "CPU")
+
+
+def test_library_uses_the_shared_cpp_runtime(ops):
+    """A _C.so with a static copy of libstdc++ (a compiler that links it statically by default, as on
+    the GPU machines' image) crashed formatting a number into an error message: CMakeLists.txt links
+    the libstdc++.so torch uses, and setup.py refuses a library that defines std::locale itself."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed: cannot list the library's symbols")
+    defined = subprocess.run([nm, "--defined-only", str(LIBRARY)], check=True, stdout=subprocess.PIPE, text=True).stdout
+    own = [line for line in defined.splitlines() if " _ZNSt6locale" in line]
+    assert not own, f"{LIBRARY} defines {len(own)} std::locale symbols: a static copy of libstdc++ (e.g. {own[0]})"
+    dynamic = subprocess.run([nm, "-D", "--undefined-only", str(LIBRARY)], check=True, stdout=subprocess.PIPE,
+                             text=True).stdout
+    assert "GLIBCXX" in dynamic, f"{LIBRARY} imports nothing from the shared libstdc++"
+    with pytest.raises(RuntimeError, match=r"k = omega.size\(-1\) = 4\), got rank 9$"):
+        ops.randomized_basis(torch.randn(1, 8, 6), torch.randn(1, 6, 4), 9, 1)
 
 
 # ------------------------------------------------------------------------------ orthonormalize

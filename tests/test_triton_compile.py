@@ -155,6 +155,19 @@ def test_launchers_pick_only_compiled_configs():
         assert utils.gemm_config(kernel, m, n, dtype, batch) in DEVICE_CONFIGS[kernel].values()
 
 
+def test_float32_projection_takes_the_large_tile_where_it_fills_the_gpu():
+    """The 8-warp 128x128 float32 projection tile (H200: TF32 4096x11008 r512 1.55 -> 1.03 ms) where
+    its programs still reach MIN_PROGRAMS; else the 64x128 one, then the square one; 16-bit and the
+    back-projection keep their tables."""
+    table = DEVICE_CONFIGS["project"]
+    assert utils.gemm_config("project", 512, 11008, torch.float32) == table["large_fp32"]  # 4 x 86 programs
+    assert utils.gemm_config("project", 4096, 512, torch.float32) == table["wide_fp32"]  # 32 x 4 = 128 < 132
+    assert utils.gemm_config("project", 4096, 512, torch.float32, batch=2) == table["large_fp32"]
+    assert utils.gemm_config("project", 4096, 128, torch.float32) == table["square_fp32"]  # 64 x 1 = 64
+    assert utils.gemm_config("project", 512, 11008, torch.bfloat16) == table["wide_16bit"]
+    assert utils.gemm_config("back_apply", 4096, 11008, torch.float32) == DEVICE_CONFIGS["back_apply"]["wide_fp32"]
+
+
 @pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
 def test_float32_matmul_precision_follows_torch(setting, expected):
     previous = torch.get_float32_matmul_precision()
@@ -207,6 +220,8 @@ def gemm_ptx(side: str, config: str, dtype: torch.dtype, precision: str, tma: bo
         A_DTYPE=operand, B_DTYPE=operand, OPERAND=operand, PRECISION=precision, INTERPRETER=False, TMA=tma,
         RANK_ON_M=side == "left", A_K_MAJOR=a_k_major, **layout, **tiles),
         tuple(k for k in sig if k not in ("split_steps", "finite_bound")), cfg.num_warps, cfg.num_stages)
+    if config not in DEVICE_CONFIGS["back_apply"]:  # a tile only the projection's table has
+        return {"project": project_ptx}
     cfg = DEVICE_CONFIGS["back_apply"][config]
     tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     sig = BACK_APPLY_SIGNATURE
@@ -227,15 +242,18 @@ def test_gemm_operands_are_copied_in_16_byte_vectors(side, config, dtype):
         assert _copy_widths(ptx) == {16}, (name, _copy_widths(ptx))
 
 
+@pytest.mark.parametrize("config", ["wide_fp32", "large_fp32"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_tf32_gemms_read_k_major_operands_in_16_byte_vectors(side):
+def test_tf32_gemms_read_k_major_operands_in_16_byte_vectors(side, config):
     """TF32 wgmma reads only K-major operands: the back-projection gets B (N, or Q) transposed by
     the launcher (utils.k_major_operands), the left projection P^T, and the right projection's
     operands are K-major as stored, so these copy 16 bytes at a time. The left projection's G is
     not (its rows are the reduction): its copies stay 4-byte (RESULTS.md)."""
-    ptx = gemm_ptx(side, "wide_fp32", torch.float32, "tf32", tma=False)
-    assert "wgmma" in ptx["back_apply"] and "wgmma" in ptx["project"]
-    assert _copy_widths(ptx["back_apply"]) == {16}, _copy_widths(ptx["back_apply"])
+    ptx = gemm_ptx(side, config, torch.float32, "tf32", tma=False)
+    assert "wgmma" in ptx["project"]
+    if "back_apply" in ptx:
+        assert "wgmma" in ptx["back_apply"]
+        assert _copy_widths(ptx["back_apply"]) == {16}, _copy_widths(ptx["back_apply"])
     assert _copy_widths(ptx["project"]) == ({16} if side == "right" else {4, 16}), _copy_widths(ptx["project"])
 
 
@@ -352,10 +370,13 @@ def test_fixed_split_counts_never_leave_a_split_empty():
     assert utils.project_splits(utils.GemmConfig(32, 64, 32, 4, 1, split_k=1), 1, 4096) == (128, 1)
 
 
-def test_back_projection_loads_its_weight_tile_before_the_gemm_loop():
-    """The default 16-bit tile prefetches W (utils.prefetch_weight): its 16-byte loads of W come
-    before the first warpgroup MMA; without the prefetch they follow the loop."""
+def test_back_projection_loads_its_weight_tile_before_the_gemm_loop(monkeypatch):
+    """With GALORE_KERNELS_PREFETCH_W=auto the 16-bit wide tile prefetches W (utils.prefetch_weight):
+    its 16-byte loads of W come before the first warpgroup MMA; without the prefetch (the default)
+    they follow the loop."""
     cfg = DEVICE_CONFIGS["back_apply"]["wide_16bit"]
+    assert not utils.prefetch_weight(cfg, 2)  # off by default: it did not pay on the H200
+    monkeypatch.setenv(utils.PREFETCH_ENV, "auto")
     assert utils.prefetch_weight(cfg, 2) and not utils.prefetch_weight(cfg, 4)
     assert not utils.prefetch_weight(utils.GemmConfig(128, 128, 64, 8, 3), 2)  # would halve the CTAs per SM
     assert not utils.prefetch_weight(DEVICE_CONFIGS["back_apply"]["square_fp32"], 4)  # 4 -> 3 CTAs per SM

@@ -12,8 +12,8 @@ from torch import nn
 
 from galore_kernels import GaLoreAdamW
 from triton_parity import (CONTROL_FACTOR, HP, MOMENT_TOL, UPDATE_TOL, bf16_ulp, bucket_step64, bucket_step_torch,
-                           check_rounded_state, make_bucket, projection_launch, relative_error, rounding_bias_ratio,
-                           update_error)
+                           check_rounded_state, make_bucket, moment_error_bounds, projection_launch, relative_error,
+                           rounding_bias_ratio, update_error)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -126,16 +126,19 @@ def test_bf16_state_and_stochastic_rounding_at_realistic_shapes(shape, rank):
         w.copy_((w.float().sign() * 0.3 + w.float() * 1e-3).bfloat16())
     old = to_cpu(b)
     expected_w, expected_m, expected_v = bucket_step64(old, lr, 0.0)
+    err_m, err_v = moment_error_bounds(old)
     steps = torch.full((2,), 3, dtype=torch.int32, device="cuda")
     galore_adamw_step_triton(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases, steps,
                              torch.tensor([lr], device="cuda"), side=side, weight_decay=0.0,
                              rounding_seeds=torch.tensor([5, 6], device="cuda"), stochastic_rounding=True, **HP)
     torch.cuda.synchronize()
     for i in range(2):
-        check_rounded_state(b.exp_avgs[i].cpu(), expected_m[i])
-        check_rounded_state(b.exp_avg_sqs[i].cpu(), expected_v[i])
+        check_rounded_state(b.exp_avgs[i].cpu(), expected_m[i], err_m[i])
+        check_rounded_state(b.exp_avg_sqs[i].cpu(), expected_v[i], err_v[i])
+        # The float32 weight before rounding is within ~1e-4 of an ulp of the float64 one here
+        # (|w| ~ 0.3, the update's accumulation over the rank is tiny against it).
         off = (b.params[i].cpu().double() - expected_w[i]).abs() / bf16_ulp(expected_w[i])
-        assert float(off.max()) <= 1.0, "a weight is not a bf16 neighbour of its float32 value"
+        assert float(off.max()) <= 1.001, f"a weight is {float(off.max()):.4f} ulps from its float64 value"
         ratio = rounding_bias_ratio(b.params[i].cpu(), old.params[i], expected_w[i])
         assert 0.9 < ratio < 1.1, ratio
 

@@ -222,7 +222,8 @@ class GemmConfig:
 # Thin outputs (one side is the rank) favour a tall tile on the long side; 16-bit operands take a
 # deeper K step. The two kernels differ in shape (the projection reduces over a whole side of G into
 # a thin R; the back-projection reduces over the rank into all of W), so each has its own table,
-# tuned on its own by benchmarks/sweep_gemm.py.
+# tuned on its own by benchmarks/sweep_gemm.py. gemm_config takes the first of large, wide, square
+# that the shape fills (MIN_PROGRAMS).
 GEMM_KERNELS = ("project", "back_apply")
 GEMM_CONFIGS = {
     kernel: {
@@ -233,6 +234,11 @@ GEMM_CONFIGS = {
     }
     for kernel in GEMM_KERNELS
 }
+# The float32 projection's 8-warp 128x128 tile (H200, 2026-11-28, one run, CUDA-graph step times,
+# RESULTS.md): TF32 4096x11008 r512 (left) 1.55 -> 1.03 ms, and 2-4% faster on the other measured
+# float32 cases (IEEE and TF32, 4096x4096 r512 right, 4096x11008 r512 left). Its 16-bit counterpart
+# showed no gain on the 368M model's step in the same session: 16-bit keeps the 64x128 tile.
+GEMM_CONFIGS["project"]["large_fp32"] = GemmConfig(128, 128, 32, 8, 3)
 # The interpreter gets small tiles: it runs every element in NumPy.
 INTERPRETER_GEMM_CONFIG = GemmConfig(32, 64, 32, 4, 1)
 # Every launch asks for floating-point contraction (a * b + c as one FMA) explicitly: it is Triton's
@@ -295,20 +301,25 @@ def gemm_config(kernel: str, out_rows: int, out_cols: int, operand_dtype: torch.
         return INTERPRETER_GEMM_CONFIG
     table = GEMM_CONFIGS[kernel]
     bits = "16bit" if operand_dtype != torch.float32 else "fp32"
-    wide = table[f"wide_{bits}"]
-    programs = cdiv(out_rows, wide.block_m) * cdiv(out_cols, wide.block_n) * batch
-    large = max(out_rows, out_cols) >= 1024 and min(out_rows, out_cols) >= 64 and programs >= MIN_PROGRAMS
-    return wide if large else table[f"square_{bits}"]
+    if max(out_rows, out_cols) >= 1024 and min(out_rows, out_cols) >= 64:
+        for tier in ("large", "wide"):  # the largest tile that still gives every SM a program
+            cfg = table.get(f"{tier}_{bits}")
+            if cfg is not None and cdiv(out_rows, cfg.block_m) * cdiv(out_cols, cfg.block_n) * batch >= MIN_PROGRAMS:
+                return cfg
+    return table[f"square_{bits}"]
 
 
-# The back-projection issues its W tile's load before the GEMM loop, so that the loop (K = rank:
+# The back-projection can issue its W tile's load before the GEMM loop, so that the loop (K = rank:
 # 4-16 steps) hides the load's latency, which otherwise follows it. The tile then stays in registers
 # through the loop: only 4-warp tiles of 16-bit weights whose W takes at most PREFETCH_REGISTERS
-# 32-bit registers per thread do it. For bf16 at 64x128 that is 128 -> 168 registers per thread
+# 32-bit registers per thread can do it. For bf16 at 64x128 that is 128 -> 168 registers per thread
 # (ptxas, sm_90a), still 3 CTAs per SM; at 64x64, 64 -> 92, still 4. Larger tiles would spill (a
 # 128x256 8-warp tile holds 250 registers already), an 8-warp 128x128 tile would drop from 2 CTAs per
-# SM to 1, and a float32 64x64 one from 4 to 3. GALORE_KERNELS_PREFETCH_W=0/1 overrides it, for the
-# tile sweep.
+# SM to 1, and a float32 64x64 one from 4 to 3.
+# Off by default: on the H200 (2026-11-28, benchmarks/sweep_gemm.py, alternating in one run) it did
+# not pay: bf16 4096x4096 r512 0.149/0.158 ms with it against 0.142/0.151 without, and no consistent
+# difference on the 368M model's buckets. GALORE_KERNELS_PREFETCH_W=auto takes it where the register
+# rule allows, 1 forces it, 0 (the default) leaves it out.
 PREFETCH_REGISTERS = 32
 PREFETCH_ENV = "GALORE_KERNELS_PREFETCH_W"
 
@@ -316,9 +327,9 @@ PREFETCH_ENV = "GALORE_KERNELS_PREFETCH_W"
 def prefetch_weight(cfg: GemmConfig, weight_bytes: int) -> bool:
     """Whether the back-projection of a weight of ``weight_bytes`` per element loads its tile of W
     before the GEMM loop."""
-    setting = os.environ.get(PREFETCH_ENV, "auto")
+    setting = os.environ.get(PREFETCH_ENV, "0")
     if setting not in ("auto", "0", "1"):
-        raise ValueError(f"{PREFETCH_ENV}={setting!r}: use auto (the default), 0 or 1.")
+        raise ValueError(f"{PREFETCH_ENV}={setting!r}: use 0 (the default), auto or 1.")
     if setting != "auto":
         return setting == "1"
     threads = cfg.num_warps * 32

@@ -9,8 +9,8 @@ reduction, the 368M model's three bucket shapes at rank 256, TF32's worst case) 
 projection with the Adam kernel after it (``project_partials_triton``, then ``lowrank_adam_triton``,
 which sums a split projection's partials: the split's whole cost) and the back-projection
 (``back_apply_triton``) run through their own settings (``utils.GEMM_CONFIG_ENVS``);
-each kernel is timed alone with CUDA events (median of ``SWEEP_ROUNDS``, after a warm-up that
-includes the compile), and the table gives ms per kernel and its ratio to the kernel's floor: its
+each kernel is timed alone with CUDA events around a CUDA-graph replay of its launches (median of
+``SWEEP_ROUNDS``, after a warm-up that includes the compile), and the table gives ms per kernel and its ratio to the kernel's floor: its
 bytes at the measured copy bandwidth or its flops at the measured matmul rate, whichever is larger. Split-K candidates (seventh field) run for the projection only. A tile
 that fails to compile or launch is reported, not fatal. Each case ends with its fastest tile per
 kernel (the winners go into ``utils.GEMM_CONFIGS[kernel]``, and so into the ahead-of-time compile
@@ -87,9 +87,29 @@ def bucket(batch: int, m: int, n: int, rank: int, dtype: torch.dtype):
 
 
 def time_ms(fn) -> float:
-    fn()  # warm-up: compiles this tile
+    """Median ms of ``fn``'s kernels. On a GPU they are replayed from a CUDA graph: timed as plain
+    calls, the launchers' host time (more than a single weight's kernels take: the 2026-11-28 sweep)
+    would be measured instead of the tile."""
+    fn()  # warm-up: compiles this tile, caches the launchers' pointer tables
     C.sync()
-    return statistics.median(C.time_one(lambda i: fn(), 0) for _ in range(ROUNDS))
+    run = captured(fn) if CUDA else fn
+    for _ in range(3):  # the clocks come up after the compile's idle GPU
+        run()
+    return statistics.median(C.time_one(lambda i: run(), 0) for _ in range(ROUNDS))
+
+
+def captured(fn):
+    """``fn``'s launches captured in a CUDA graph (after a call on a side stream, as capture wants);
+    returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def sweep_case(case, tiles: list[str], project_tiles: list[str], ceilings: dict) -> None:

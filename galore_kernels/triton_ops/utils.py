@@ -316,10 +316,10 @@ def gemm_config(kernel: str, out_rows: int, out_cols: int, operand_dtype: torch.
 # (ptxas, sm_90a), still 3 CTAs per SM; at 64x64, 64 -> 92, still 4. Larger tiles would spill (a
 # 128x256 8-warp tile holds 250 registers already), an 8-warp 128x128 tile would drop from 2 CTAs per
 # SM to 1, and a float32 64x64 one from 4 to 3.
-# Off by default: on the H200 (2026-11-28, benchmarks/sweep_gemm.py, alternating in one run) it did
-# not pay: bf16 4096x4096 r512 0.149/0.158 ms with it against 0.142/0.151 without, and no consistent
-# difference on the 368M model's buckets. GALORE_KERNELS_PREFETCH_W=auto takes it where the register
-# rule allows, 1 forces it, 0 (the default) leaves it out.
+# Off by default: on the H200 (2026-11-28, benchmarks/sweep_gemm.py, alternating in one run) no gain
+# was measurable (the 368M model's buckets: differences within the noise, both ways), and off saves
+# its registers. GALORE_KERNELS_PREFETCH_W=auto takes it where the register rule allows, 1 forces it,
+# 0 (the default) leaves it out.
 PREFETCH_REGISTERS = 32
 PREFETCH_ENV = "GALORE_KERNELS_PREFETCH_W"
 

@@ -57,15 +57,15 @@ def _tool(name):
     return shutil.which(name) or (here if os.access(here, os.X_OK) else None)
 
 
-def own_cxx_runtime_symbols(library):
-    """How many std::locale symbols ``library`` defines itself (`nm`): 0 when it uses the shared
-    libstdc++, many when a static copy was linked in; 0 too when binutils' nm is not installed."""
-    nm = shutil.which("nm")
-    if nm is None:
-        return 0
-    out = subprocess.run([nm, "--defined-only", library], check=False, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True).stdout
-    return sum(1 for line in out.splitlines() if line.split()[-1:] and line.split()[-1].startswith("_ZNSt6locale"))
+def _native_build_check():
+    """galore_kernels/native_build_check.py, loaded by its path (the package is not importable yet)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "galore_kernels", "native_build_check.py")
+    spec = importlib.util.spec_from_file_location("galore_native_build_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _replace_file(src, dst):
@@ -174,13 +174,14 @@ class CMakeBuildExt(build_ext):
         built = os.path.join(CMAKE_BUILD_DIR, "_C.so")
         if not os.path.exists(built):
             raise NativeBuildError(f"the build did not produce {built}")
-        copies = own_cxx_runtime_symbols(built)
+        copies = _native_build_check().own_cxx_runtime_symbols(built)  # against the libstdc++ torch maps here
         if copies:
             raise NativeBuildError(
-                f"{built} carries its own copy of the C++ runtime ({copies} std::locale symbols defined in it): "
-                "this compiler links libstdc++ statically, and that copy crashes inside torch's process as soon "
-                "as an error message formats a number. CMakeLists.txt links the libstdc++.so torch uses; build "
-                "with a compiler that has a shared libstdc++ (e.g. CXX=/usr/bin/g++) if it could not be found.")
+                f"{built} carries its own copy of the C++ runtime ({len(copies)} libstdc++ symbols defined in it, "
+                f"e.g. {copies[0]}): this compiler links libstdc++ statically, and that copy crashes inside "
+                "torch's process as soon as an error message formats a number. CMakeLists.txt links the "
+                "libstdc++.so torch uses, but this one did not take: build with a compiler that has a shared "
+                "libstdc++ (`rm -rf build/cmake`, then reinstall with e.g. CXX=/usr/bin/g++).")
         _replace_file(built, self.get_ext_fullpath(ext.name))
         print(f"galore_kernels: native extension ready ({time.monotonic() - start:.1f} s)", file=sys.stderr)
 

@@ -10,8 +10,8 @@
 # skipped and says so):
 #   1. wheels from .whl/ (pip --no-index --no-deps --target /tmp/site; PYTHONPATH) if any
 #   2. python3 -m pip install --no-build-isolation --no-deps -e .   (builds the native CUDA refresh op)
-#   3. GPU tests, four pytest processes side by side (benchmarks/gpu_tests.sh): tests/test_triton_gpu.py;
-#      tests/test_native_gpu.py tests/test_native.py; tests/test_sharded_gpu.py tests/train/test_trainer_gpu.py;
+#   3. GPU tests, five pytest processes side by side (benchmarks/gpu_tests.sh): tests/test_triton_gpu.py;
+#      tests/test_native_gpu.py tests/test_native.py; tests/test_sharded_gpu.py; tests/train/test_trainer_gpu.py;
 #      tests/test_triton_tma_gpu.py
 #   4. benchmarks/bench_model_step.py   (368M configuration, whole optimizer step)
 #   5. benchmarks/bench_step.py         (one step per weight at the anchor shapes, ceilings, floors)
@@ -125,11 +125,12 @@ print(f"triton step on {dev}: {dispatch.triton_unavailable_reason(dev) or 'avail
 EOF
 
 # ------------------------------------------------------------------------------ 3. GPU tests
-# Four pytest processes side by side (benchmarks/gpu_tests.sh): the Triton step's tests, the native
-# refresh's, the FSDP2-sharded path's (one nccl rank) with the trainer's, and the TMA path's: a crash
-# in one (the native library's segfault on the 2026-11-28 run) does not take the others along. TRITON_INTERPRET=1 would turn the ahead-of-time compile tests into failures: never here.
+# Five pytest processes side by side (benchmarks/gpu_tests.sh): the Triton step's tests, the native
+# refresh's, the FSDP2-sharded path's (one nccl rank), the trainer's (four runs side by side), and
+# the TMA path's: a crash in one (the native library's segfault on the 2026-11-28 run) does not take
+# the others along. TRITON_INTERPRET=1 would turn the ahead-of-time compile tests into failures: never here.
 TEST_GROUPS=()
-for group in "tests/test_triton_gpu.py" "tests/test_native_gpu.py tests/test_native.py" "tests/test_sharded_gpu.py tests/train/test_trainer_gpu.py" "tests/test_triton_tma_gpu.py"; do
+for group in "tests/test_triton_gpu.py" "tests/test_native_gpu.py tests/test_native.py" "tests/test_sharded_gpu.py" "tests/train/test_trainer_gpu.py" "tests/test_triton_tma_gpu.py"; do
     present=""
     for f in $group; do  # the compile test runs in CI (3.9 and 3.6)
         if [ -f "$f" ]; then present="$present $f"; else note "tests: $f does not exist (yet)"; STATUS+=("tests: $f missing"); fi

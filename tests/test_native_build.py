@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 import galore_kernels
+from galore_kernels import native_build_check
 from galore_kernels.reference.refresh import (
     orthonormalize_reference,
     randomized_basis_reference,
@@ -88,18 +89,34 @@ def test_library_built_loads_and_has_the_ops(ops):
 def test_library_uses_the_shared_cpp_runtime(ops):
     """A _C.so with a static copy of libstdc++ (a compiler that links it statically by default, as on
     the GPU machines' image) crashed formatting a number into an error message: CMakeLists.txt links
-    the libstdc++.so torch uses, and setup.py refuses a library that defines std::locale itself."""
-    nm = shutil.which("nm")
-    if nm is None:
-        pytest.skip("binutils' nm is not installed: cannot list the library's symbols")
-    defined = subprocess.run([nm, "--defined-only", str(LIBRARY)], check=True, stdout=subprocess.PIPE, text=True).stdout
-    own = [line for line in defined.splitlines() if " _ZNSt6locale" in line]
-    assert not own, f"{LIBRARY} defines {len(own)} std::locale symbols: a static copy of libstdc++ (e.g. {own[0]})"
-    dynamic = subprocess.run([nm, "-D", "--undefined-only", str(LIBRARY)], check=True, stdout=subprocess.PIPE,
-                             text=True).stdout
-    assert "GLIBCXX" in dynamic, f"{LIBRARY} imports nothing from the shared libstdc++"
+    the libstdc++.so torch uses, and setup.py refuses a library that defines runtime symbols itself."""
+    runtime = native_build_check.mapped_libstdcxx()
+    if runtime is None or shutil.which("nm") is None:
+        pytest.skip("no libstdc++ mapped in this process, or no binutils nm: nothing to compare with")
+    own = native_build_check.own_cxx_runtime_symbols(str(LIBRARY), runtime)
+    assert not own, f"{LIBRARY} defines {len(own)} symbols of {runtime} itself (a static copy), e.g. {own[:3]}"
     with pytest.raises(RuntimeError, match=r"k = omega.size\(-1\) = 4\), got rank 9$"):
         ops.randomized_basis(torch.randn(1, 8, 6), torch.randn(1, 6, 4), 9, 1)
+
+
+def test_runtime_check_finds_a_static_copy(tmp_path):
+    """native_build_check against a library that does carry a copy: a shared library linked with
+    -static-libstdc++ from a search path that holds only libstdc++.a (what the GPU image's compiler
+    does by default)."""
+    gxx, runtime = shutil.which("g++"), native_build_check.mapped_libstdcxx()
+    if gxx is None or runtime is None or shutil.which("nm") is None:
+        pytest.skip("needs g++, binutils nm and a mapped libstdc++")
+    archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    if not os.path.isabs(archive):
+        pytest.skip("this g++ has no libstdc++.a")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libstdc++.a").symlink_to(archive)
+    source = tmp_path / "x.cpp"
+    source.write_text('#include <sstream>\n#include <string>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n')
+    for name, flags in (("static", ["-static-libstdc++", f"-L{tmp_path / 'lib'}"]), ("shared", [])):
+        subprocess.run([gxx, "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"), str(source), *flags], check=True)
+    assert native_build_check.own_cxx_runtime_symbols(str(tmp_path / "static.so"), runtime)
+    assert not native_build_check.own_cxx_runtime_symbols(str(tmp_path / "shared.so"), runtime)
 
 
 # ------------------------------------------------------------------------------ orthonormalize

@@ -91,6 +91,9 @@ class TrainingConfig:
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     distributed: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp2 (parameters, gradients, state sharded)
+    # How long a rank waits in a collective that another rank never joins (it failed outside one)
+    # before it gives up with an error; None: torch's default (nccl 10 minutes, gloo 30).
+    distributed_timeout_minutes: Optional[float] = None
 
 
 @dataclass
@@ -280,6 +283,9 @@ def validate(config: Config, source: str) -> None:
     choice(t.precision, "training.precision", PRECISIONS)
     choice(t.lr_scheduler, "training.lr_scheduler", LR_SCHEDULERS)
     choice(t.distributed, "training.distributed", DISTRIBUTED_MODES)
+    need(t.distributed_timeout_minutes is None or t.distributed_timeout_minutes > 0,
+         "training.distributed_timeout_minutes", f"= {t.distributed_timeout_minutes} must be > 0 or null "
+         "(torch's default)")
     need(o.rank >= 1, "optimizer.rank", f"= {o.rank} must be >= 1")
     need(o.update_proj_gap >= 1, "optimizer.update_proj_gap", f"= {o.update_proj_gap} must be >= 1")
     need(o.scale > 0, "optimizer.scale", f"= {o.scale} must be > 0")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -37,12 +38,15 @@ def from_environment() -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(info: DistInfo, device: torch.device) -> None:
+def init(info: DistInfo, device: torch.device, timeout_minutes: Optional[float] = None) -> None:
+    """The process group (nccl on CUDA, gloo on the CPU). ``timeout_minutes`` bounds how long a rank
+    waits in a collective; None keeps torch's default."""
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+        dist.init_process_group(backend=backend, **timeout)
 
 
 def shutdown(info: DistInfo) -> None:

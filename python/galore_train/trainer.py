@@ -98,7 +98,7 @@ def train(config: Config, *, resume: Optional[str] = None, overwrite: bool = Fal
         preflight.check_fresh_start(out, resume, overwrite)
     preflight.check_bitsandbytes(config)
     preflight.check_combination(config, world_size=info.world_size, device=device)
-    distributed.init(info, device)
+    distributed.init(info, device, config.training.distributed_timeout_minutes)
     try:
         return Trainer(config, info, device, out).run(resume, overwrite=overwrite)
     finally:

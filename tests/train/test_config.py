@@ -44,6 +44,8 @@ def test_unknown_key_is_named_with_its_section(tmp_path):
     ("model:\n  architecture:\n    hidden_size: big\n", "model.architecture.hidden_size"),
     ("training:\n  precision: fp8\n", "training.precision"),
     ("training:\n  distributed: deepspeed\n", "training.distributed"),
+    ("training:\n  distributed_timeout_minutes: 0\n", "training.distributed_timeout_minutes"),
+    ("training:\n  distributed_timeout_minutes: soon\n", "training.distributed_timeout_minutes"),
     ("optimizer:\n  type: sgd\n", "optimizer.type"),
     ("optimizer:\n  rank: 0\n", "optimizer.rank"),
     ("optimizer:\n  state_dtype: float16\n", "optimizer.state_dtype"),

@@ -8,7 +8,8 @@ torch uses; setup.py runs this check on the result, and tests/test_native_build.
 library.
 
 Standard library only, no package imports: setup.py loads this file by path before the package is
-importable.
+importable, and CMakeLists.txt runs it as a script (``python native_build_check.py``), which imports
+torch and prints the libstdc++ that torch's process maps.
 """
 from __future__ import annotations
 
@@ -60,3 +61,9 @@ def own_cxx_runtime_symbols(library: str, runtime: Optional[str] = None) -> list
     if ours is None or theirs is None:
         return []
     return sorted(ours & theirs)
+
+
+if __name__ == "__main__":
+    import torch  # noqa: F401  # maps torch's libstdc++ into this process
+
+    print(mapped_libstdcxx() or "", end="")

@@ -64,14 +64,19 @@ def step_size(lr: float, t: int) -> float:
     return lr * math.sqrt(1 - HP["beta2"] ** t) / (1 - HP["beta1"] ** t)
 
 
+def projected64(side: str, operand: torch.dtype, g: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(G, P, R) in float64 with the kernels' operand rounding: R = P^T G (left) or G P^T (right)."""
+    g64, p64 = g.to(operand).double(), basis.to(operand).double()
+    return g64, p64, (p64.T @ g64 if side == "left" else g64 @ p64.T)
+
+
 def bucket_step64(b: Bucket, lr: float, weight_decay: float) -> tuple[list, list, list]:
     """(weights, exp_avgs, exp_avg_sqs) in float64 after one step, with the kernels' operand rounding."""
     operand = b.params[0].dtype
     t = b.steps_before + 1
     ws, ms, vs = [], [], []
     for w, g, m, v, basis in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases):
-        g64, p64 = g.to(operand).double(), basis.to(operand).double()
-        r = p64.T @ g64 if b.side == "left" else g64 @ p64.T
+        g64, p64, r = projected64(b.side, operand, g, basis)
         m64 = HP["beta1"] * m.double() + (1 - HP["beta1"]) * r
         v64 = HP["beta2"] * v.double() + (1 - HP["beta2"]) * r * r
         n64 = m64 / (v64.sqrt() + HP["eps"]) * (step_size(lr, t) * HP["scale"])
@@ -132,28 +137,34 @@ def float32_coefficient_errors(beta: float) -> tuple[float, float]:
     return abs(float(beta32) - beta), abs(float(1.0 - beta32) - (1.0 - beta))
 
 
-def moment_error_bounds(b: Bucket) -> tuple[list, list]:
-    """Per element, how far the kernel's float32 moments may be from ``bucket_step64``'s float64
-    ones before any rounding to bf16: R's float32 accumulation over K products (K u sum|p||g|, the
-    rigorous bound for u = 2^-24 and IEEE accumulation; tensor cores stay well inside it in
-    practice) carried through Adam's update, the float32 betas (float32_coefficient_errors), and
-    the update's own float32 roundings. It matters where the moment nearly cancels
-    (b1 M + (1 - b1) R ~ 0): there an ulp of the result is smaller than the float32 error of its terms."""
-    operand = b.params[0].dtype
+def adam_moment_errors(m: Tensor, v: Tensor, r: Tensor, r_err) -> tuple[Tensor, Tensor]:
+    """Per element, how far the kernels' float32 Adam moments ``b1 M + (1 - b1) R`` and
+    ``b2 V + (1 - b2) R^2`` may be from the float64 ones (all float64 inputs): ``r_err`` (R's own
+    float32 error) carried through, the float32 betas (float32_coefficient_errors), and the
+    update's own float32 roundings."""
     b1, b2, u = HP["beta1"], HP["beta2"], 2.0 ** -24
     (d_b1, d_c1), (d_b2, d_c2) = float32_coefficient_errors(b1), float32_coefficient_errors(b2)
+    err_m = (1 - b1) * r_err + d_b1 * m.abs() + d_c1 * r.abs() + 4 * u * (b1 * m.abs() + (1 - b1) * r.abs())
+    err_v = ((1 - b2) * (2 * r.abs() * r_err + r_err ** 2) + d_b2 * v + d_c2 * r * r
+             + 4 * u * (b2 * v + (1 - b2) * r * r))
+    return err_m, err_v
+
+
+def moment_error_bounds(b: Bucket) -> tuple[list, list]:
+    """Per element, how far the kernel's float32 moments may be from ``bucket_step64``'s float64
+    ones before any rounding to bf16 (adam_moment_errors), with R's float32 accumulation over K
+    products bounded by K u sum|p||g| (the rigorous bound for u = 2^-24 and IEEE accumulation;
+    tensor cores stay well inside it in practice). It matters where the moment nearly cancels
+    (b1 M + (1 - b1) R ~ 0): there an ulp of the result is smaller than the float32 error of its terms."""
+    operand = b.params[0].dtype
     err_m, err_v = [], []
     for g, m, v, basis in zip(b.grads, b.exp_avgs, b.exp_avg_sqs, b.bases):
-        g64, p64 = g.to(operand).double(), basis.to(operand).double()
-        r = p64.T @ g64 if b.side == "left" else g64 @ p64.T
+        g64, p64, r = projected64(b.side, operand, g, basis)
         r_abs = p64.abs().T @ g64.abs() if b.side == "left" else g64.abs() @ p64.abs().T
         k = g64.shape[0] if b.side == "left" else g64.shape[1]
-        r_err = k * u * r_abs
-        m64, v64 = m.double(), v.double()
-        err_m.append((1 - b1) * r_err + d_b1 * m64.abs() + d_c1 * r.abs()
-                     + 4 * u * (b1 * m64.abs() + (1 - b1) * r.abs()))
-        err_v.append((1 - b2) * (2 * r.abs() * r_err + r_err ** 2) + d_b2 * v64 + d_c2 * r * r
-                     + 4 * u * (b2 * v64 + (1 - b2) * r * r))
+        em, ev = adam_moment_errors(m.double(), v.double(), r, k * 2.0 ** -24 * r_abs)
+        err_m.append(em)
+        err_v.append(ev)
     return err_m, err_v
 
 
